@@ -1,0 +1,1 @@
+"""medpeft_monai."""

@@ -1,0 +1,177 @@
+"""Reading and writing MONAI Decathlon-style datalists with clear error messages.
+
+A datalist is a JSON file such as::
+
+    {"training": [{"image": "imagesTr/a.nii.gz", "label": "labelsTr/a.nii.gz"}, ...],
+     "validation": [...], "test": [...]}
+
+Relative paths are resolved against the datalist's folder (or ``base_dir``). ``label`` may be a
+path (segmentation) or a number (classification). Extra top-level keys (for example
+``"classes"``) and extra entry fields (for example ``"domain"``) are allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from monai.data import load_decathlon_datalist
+
+__all__ = ["DatalistError", "load_datalist", "write_datalist"]
+
+_PATH_KEYS = ("image", "label")
+
+
+class DatalistError(ValueError):
+    """A datalist file is missing, malformed or points at files that do not exist."""
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        hint = "a folder was given; pass the JSON file inside it" if path.is_dir() else "check the path"
+        raise DatalistError(
+            f"Datalist file not found: '{path}'. Fix: {hint}, or build a sample data set with "
+            "medpeft_monai.data.sample_dataset(name) and use its 'datalist.json'."
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatalistError(
+            f"Datalist '{path}' is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}. "
+            "Fix: correct the JSON syntax there (common causes: a trailing comma, single quotes, "
+            "a missing bracket)."
+        ) from e
+    except UnicodeDecodeError as e:
+        raise DatalistError(f"Datalist '{path}' is not UTF-8 text ({e}). Fix: save it as UTF-8 JSON.") from e
+
+
+def _paths_of(value: Any) -> list[str]:
+    """File paths held by an entry field: a string or a list of strings; numbers are not paths."""
+    if isinstance(value, (str, os.PathLike)):
+        return [os.fspath(value)]
+    if isinstance(value, (list, tuple)):
+        return [os.fspath(v) for v in value if isinstance(v, (str, os.PathLike))]
+    return []
+
+
+def load_datalist(
+    datalist: str | os.PathLike,
+    key: str = "training",
+    base_dir: str | os.PathLike | None = None,
+    check_files: bool = True,
+) -> list[dict]:
+    """Load section ``key`` of a Decathlon-style datalist as a list of dicts with absolute paths.
+
+    Args:
+        datalist: path to the JSON file.
+        key: section to read, e.g. ``"training"``, ``"validation"``, ``"test"``.
+        base_dir: folder that relative paths are resolved against (default: the datalist's folder).
+        check_files: raise if an ``image`` or path-valued ``label`` does not exist.
+
+    Raises:
+        DatalistError: with the file name and a suggested fix for every problem found.
+    """
+    path = Path(datalist).expanduser()
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise DatalistError(
+            f"Datalist '{path}' must hold a JSON object with sections such as "
+            f'{{"training": [...]}}, found a {type(data).__name__}. Fix: wrap the entries in a section.'
+        )
+    sections = [k for k, v in data.items() if isinstance(v, list)]
+    if key not in data:
+        raise DatalistError(
+            f"Datalist '{path}' has no section '{key}'. Available sections: {sections}. "
+            f"Fix: pass one of these as the key, or add a '{key}' list to the file."
+        )
+    items = data[key]
+    if not isinstance(items, list):
+        raise DatalistError(
+            f"Section '{key}' of datalist '{path}' must be a list of entries, found a "
+            f"{type(items).__name__}. Fix: use one of the list sections {sections}."
+        )
+    # MONAI accepts a 'test' section made of bare image paths; everything else must be dicts.
+    bare_test = key == "test" and len(items) > 0 and all(isinstance(i, str) for i in items)
+    if not bare_test:
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise DatalistError(
+                    f"Entry {i} of section '{key}' in datalist '{path}' is a {type(item).__name__}, "
+                    f'not an object. Fix: write it as {{"image": "<path>", "label": ...}}.'
+                )
+            if "image" not in item:
+                raise DatalistError(
+                    f"Entry {i} of section '{key}' in datalist '{path}' has no 'image' field "
+                    f"(fields: {sorted(item)}). Fix: add \"image\": \"<path to the image>\"."
+                )
+    base = Path(base_dir).expanduser() if base_dir is not None else path.parent
+    if not items:
+        return []
+    result = load_decathlon_datalist(path, is_segmentation=True, data_list_key=key, base_dir=base)
+    if check_files:
+        for i, item in enumerate(result):
+            for field in _PATH_KEYS:
+                for p in _paths_of(item.get(field)):
+                    if not os.path.exists(p):
+                        raise DatalistError(
+                            f"Entry {i} of section '{key}' in datalist '{path}': {field} file not found: "
+                            f"'{p}'. Fix: check that the file exists and that relative paths are "
+                            f"relative to '{base}' (or pass base_dir=...)."
+                        )
+    return result
+
+
+def _relative(value: Any, folder: str) -> Any:
+    """Rewrite absolute paths (or lists of them) as paths relative to ``folder``; leave others alone."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, str):
+        return Path(os.path.relpath(value, folder)).as_posix() if os.path.isabs(value) else value
+    if isinstance(value, (list, tuple)):
+        return [_relative(v, folder) for v in value]
+    return value
+
+
+def write_datalist(path: str | os.PathLike, sections: Mapping[str, Any]) -> str:
+    """Write a datalist JSON atomically; absolute file paths are stored relative to its folder.
+
+    ``sections`` maps section names to lists of entry dicts. Other top-level values (for example
+    ``"classes": [...]``) are written unchanged. Returns the path written.
+    """
+    path = Path(path).expanduser().absolute()
+    folder = str(path.parent)
+    out: dict[str, Any] = {}
+    for name, value in sections.items():
+        if isinstance(value, Sequence) and not isinstance(value, str) and all(
+            isinstance(v, Mapping) for v in value
+        ):
+            out[name] = [
+                {k: (_relative(v, folder) if k in _PATH_KEYS or _is_abs_path(v) else v) for k, v in e.items()}
+                for e in value
+            ]
+        else:
+            out[name] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=2)
+            f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return str(path)
+
+
+def _is_abs_path(value: Any) -> bool:
+    return isinstance(value, (str, os.PathLike)) and os.path.isabs(os.fspath(value))

@@ -1,0 +1,173 @@
+"""Transform presets made of MONAI dictionary transforms.
+
+Bundle configs call them as expressions, for example::
+
+    "$medpeft_monai.data.transforms.segmentation_transforms('train', image_size=@image_size)"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    NormalizeIntensityd,
+    RandAffined,
+    RandFlipd,
+    RandRotate90d,
+    Resized,
+    ResizeWithPadOrCropd,
+    ScaleIntensityd,
+)
+
+__all__ = ["MatchChannelsd", "classification_transforms", "segmentation_transforms"]
+
+_MODES = ("train", "eval", "infer")
+
+
+class MatchChannelsd(MapTransform):
+    """Bring channel-first images to ``num_channels`` channels.
+
+    Allowed changes: 1 -> N (repeat), RGBA 4 -> 3 (drop alpha), RGB(A) 3/4 -> 1 (mean of the colour
+    channels). Any other mismatch raises ``ValueError`` naming the key and the fix.
+    """
+
+    def __init__(self, keys: KeysCollection, num_channels: int, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if int(num_channels) < 1:
+            raise ValueError(f"num_channels must be >= 1, got {num_channels}.")
+        self.num_channels = int(num_channels)
+
+    def _match(self, img, key: Hashable):
+        c, n = int(img.shape[0]), self.num_channels
+        if c == n:
+            return img
+        if c == 1:
+            reps = (n,) + (1,) * (img.ndim - 1)
+            return img.repeat(*reps) if isinstance(img, torch.Tensor) else np.tile(img, reps)
+        if c == 4 and n == 3:
+            return img[:3]
+        if c in (3, 4) and n == 1:
+            return img[:3].mean(0, keepdims=True) if isinstance(img, np.ndarray) else img[:3].mean(0, keepdim=True)
+        raise ValueError(
+            f"'{key}' has {c} channels (shape {tuple(img.shape)}) but {n} are expected, and {c} -> {n} "
+            f"has no safe conversion. Fix: set num_channels={c} (and the network's input channels to {c}), "
+            "or select the channels you need before this transform."
+        )
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self._match(d[key], key)
+        return d
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
+    return mode
+
+
+def _intensity(key: str, intensity: str):
+    if intensity == "scale":
+        return ScaleIntensityd(keys=key, minv=0.0, maxv=1.0)
+    if intensity == "zscore":
+        return NormalizeIntensityd(keys=key, channel_wise=True)
+    raise ValueError(f"intensity must be 'scale' (min-max to [0, 1]) or 'zscore', got {intensity!r}.")
+
+
+def _interp(image_size: Sequence[int]) -> str:
+    return "bilinear" if len(image_size) == 2 else "trilinear"
+
+
+def segmentation_transforms(
+    mode: str = "train",
+    image_size: Sequence[int] = (64, 64),
+    keys: Sequence[str] = ("image", "label"),
+    num_channels: int | None = None,
+    intensity: str = "scale",
+    spatial: str = "resize",
+) -> Compose:
+    """Load, normalise and size image/label pairs for segmentation.
+
+    Args:
+        mode: ``"train"`` (adds light flips/rot90/affine augmentation), ``"eval"``, or ``"infer"``
+            (loads only the image key).
+        image_size: output spatial size, 2 or 3 numbers.
+        keys: ``(image_key, label_key)``.
+        num_channels: if set, images are brought to this many channels (see ``MatchChannelsd``).
+        intensity: ``"scale"`` (min-max to [0, 1]) or ``"zscore"`` (per channel).
+        spatial: ``"resize"`` (image interpolated, label nearest) or ``"pad_crop"`` (centre pad/crop).
+    """
+    _check_mode(mode)
+    image_key = keys[0]
+    label_key = keys[1] if len(keys) > 1 and mode != "infer" else None
+    all_keys = [image_key] + ([label_key] if label_key else [])
+    size = tuple(int(s) for s in image_size)
+    xforms = [LoadImaged(keys=all_keys, ensure_channel_first=True, image_only=True)]
+    if num_channels is not None:
+        xforms.append(MatchChannelsd(keys=image_key, num_channels=num_channels))
+    xforms.append(_intensity(image_key, intensity))
+    if spatial == "resize":
+        modes = [_interp(size)] + (["nearest"] if label_key else [])
+        anti = [True] + ([False] if label_key else [])
+        xforms.append(Resized(keys=all_keys, spatial_size=size, mode=modes, anti_aliasing=anti))
+    elif spatial == "pad_crop":
+        xforms.append(ResizeWithPadOrCropd(keys=all_keys, spatial_size=size))
+    else:
+        raise ValueError(f"spatial must be 'resize' or 'pad_crop', got {spatial!r}.")
+    if mode == "train":
+        affine_modes = [_interp(size)] + (["nearest"] if label_key else [])
+        xforms += [
+            RandFlipd(keys=all_keys, prob=0.5, spatial_axis=0),
+            RandFlipd(keys=all_keys, prob=0.5, spatial_axis=1),
+            RandRotate90d(keys=all_keys, prob=0.5, max_k=3),
+            RandAffined(
+                keys=all_keys,
+                prob=0.5,
+                rotate_range=0.26,
+                scale_range=0.1,
+                mode=affine_modes,
+                padding_mode="zeros",
+            ),
+        ]
+    xforms.append(EnsureTyped(keys=all_keys, dtype=torch.float32))
+    return Compose(xforms)
+
+
+def classification_transforms(
+    mode: str = "train",
+    image_size: Sequence[int] = (64, 64),
+    num_channels: int | None = 3,
+    intensity: str = "scale",
+    image_key: str = "image",
+    label_key: str = "label",
+) -> Compose:
+    """Load and normalise images for classification; the integer label becomes a long tensor.
+
+    ``mode`` is ``"train"`` (adds light flip/affine augmentation), ``"eval"`` or ``"infer"``
+    (label optional).
+    """
+    _check_mode(mode)
+    size = tuple(int(s) for s in image_size)
+    xforms = [LoadImaged(keys=image_key, ensure_channel_first=True, image_only=True)]
+    if num_channels is not None:
+        xforms.append(MatchChannelsd(keys=image_key, num_channels=num_channels))
+    xforms += [
+        _intensity(image_key, intensity),
+        Resized(keys=image_key, spatial_size=size, mode=_interp(size), anti_aliasing=True),
+    ]
+    if mode == "train":
+        xforms += [
+            RandFlipd(keys=image_key, prob=0.5, spatial_axis=0),
+            RandAffined(keys=image_key, prob=0.5, rotate_range=0.26, scale_range=0.1, padding_mode="zeros"),
+        ]
+    xforms.append(EnsureTyped(keys=image_key, dtype=torch.float32))
+    xforms.append(EnsureTyped(keys=label_key, dtype=torch.long, allow_missing_keys=mode == "infer"))
+    return Compose(xforms)

@@ -1,0 +1,6 @@
+"""Whole networks a bundle names in ``network_def``."""
+
+from medpeft_monai.nets.classifier import PeftClassifier
+from medpeft_monai.nets.segmenter import PeftSegmenter, default_levels
+
+__all__ = ["PeftClassifier", "PeftSegmenter", "default_levels"]

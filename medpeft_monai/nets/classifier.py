@@ -1,0 +1,53 @@
+"""Image classifier: frozen backbone + a PEFT method + a linear head."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from medpeft_monai.backbones import FrozenBackbone
+from medpeft_monai.peft import PeftConfig, apply_peft
+
+__all__ = ["PeftClassifier"]
+
+
+class PeftClassifier(nn.Module):
+    """``logits = Head(pool(Backbone_peft(x)))``.
+
+    Args:
+        backbone: timm model name (see :class:`~medpeft_monai.backbones.FrozenBackbone`).
+        num_classes: number of output classes.
+        peft: method name or config dict, e.g. ``{"method": "lora", "rank": 8}``; default linear probing.
+        weights: ``None``, ``"hub"`` or a local weights file for the backbone.
+        image_size: input side or ``(H, W)``.
+        in_chans: input channels.
+        dropout: dropout before the head.
+        model_kwargs: extra ``timm.create_model`` arguments (e.g. ``{"depth": 2}`` for tiny tests).
+
+    Input ``(B, in_chans, H, W)``; output ``(B, num_classes)``.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int,
+        peft: str | dict | PeftConfig | None = None,
+        weights: str | os.PathLike | None = None,
+        image_size: int | Sequence[int] | None = None,
+        in_chans: int = 3,
+        dropout: float = 0.0,
+        model_kwargs: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+        self.backbone = FrozenBackbone(backbone, weights=weights, image_size=image_size, in_chans=in_chans,
+                                       model_kwargs=model_kwargs)
+        self.peft_config = apply_peft(self.backbone, peft)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.backbone.num_features, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
