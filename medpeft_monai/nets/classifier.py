@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from medpeft_monai.backbones import FrozenBackbone
+from medpeft_monai.backbones import FrozenBackbone, as_plain_tensor
 from medpeft_monai.peft import PeftConfig, apply_peft
 
 __all__ = ["PeftClassifier"]
@@ -50,4 +50,4 @@ class PeftClassifier(nn.Module):
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.backbone.num_features, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        return self.head(self.backbone(as_plain_tensor(x)))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medpeft_monai.backbones import BackboneError, FrozenBackbone
+from medpeft_monai.backbones import BackboneError, FrozenBackbone, as_plain_tensor
 from medpeft_monai.peft import PeftConfig, apply_peft
 
 __all__ = ["PeftSegmenter", "default_levels"]
@@ -121,6 +121,7 @@ class PeftSegmenter(nn.Module):
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = as_plain_tensor(x)
         if self.spatial_dims == 2:
             if x.ndim != 4:
                 raise BackboneError(f"2D segmenter expects (B, C, H, W), got {tuple(x.shape)}; "
