@@ -29,6 +29,7 @@ from torch import nn
 
 __all__ = ["BackboneError", "BlockInfo", "FrozenBackbone", "as_plain_tensor", "create_backbone"]
 
+INIT_SEED = 0
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 BLOCK_NAME = re.compile(r"^(?:.*\.)?blocks\.\d+$")
 
@@ -103,7 +104,8 @@ class FrozenBackbone(nn.Module):
     Args:
         name: timm model name, e.g. ``vit_small_patch16_224``, ``vit_base_patch14_reg4_dinov2``,
             ``swin_tiny_patch4_window7_224``, ``hiera_tiny_224``, ``sam2_hiera_tiny``.
-        weights: ``None`` / ``"none"`` (random init), ``"hub"`` (timm pretrained, needs network) or a
+        weights: ``None`` / ``"none"`` (random init, always seeded with ``INIT_SEED`` so that adapter
+            artefacts trained on it can be reloaded onto an identical backbone), ``"hub"`` (timm pretrained, needs network) or a
             path to a local weights file.
         image_size: input side (int) or ``(H, W)``; position embeddings are resampled to it.
         in_chans: input channels; 1-channel medical images keep one channel and pretrained RGB
@@ -142,7 +144,9 @@ class FrozenBackbone(nn.Module):
             kwargs["img_size"] = size
         weights = None if weights in (None, "", "none", "None") else weights
         self.weights = None if weights is None else str(weights)
-        self.model = self._create(name, pretrained=weights == "hub", kwargs=kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(INIT_SEED)  # weights=None: the same reproducible random backbone everywhere
+            self.model = self._create(name, pretrained=weights == "hub", kwargs=kwargs)
         if weights not in (None, "hub"):
             self._load_local(Path(weights))
         self.family = _family(self.model)
