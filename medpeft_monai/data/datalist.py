@@ -83,7 +83,7 @@ def load_datalist(
             f"Datalist '{path}' must hold a JSON object with sections such as "
             f'{{"training": [...]}}, found a {type(data).__name__}. Fix: wrap the entries in a section.'
         )
-    sections = [k for k, v in data.items() if isinstance(v, list)]
+    sections = [k for k, v in data.items() if isinstance(v, list) and all(isinstance(i, dict) for i in v)]
     if key not in data:
         raise DatalistError(
             f"Datalist '{path}' has no section '{key}'. Available sections: {sections}. "
@@ -107,7 +107,7 @@ def load_datalist(
             if "image" not in item:
                 raise DatalistError(
                     f"Entry {i} of section '{key}' in datalist '{path}' has no 'image' field "
-                    f"(fields: {sorted(item)}). Fix: add \"image\": \"<path to the image>\"."
+                    f'(fields: {sorted(item)}). Fix: add "image": "<path to the image>".'
                 )
     base = Path(base_dir).expanduser() if base_dir is not None else path.parent
     if not items:
@@ -147,8 +147,10 @@ def write_datalist(path: str | os.PathLike, sections: Mapping[str, Any]) -> str:
     folder = str(path.parent)
     out: dict[str, Any] = {}
     for name, value in sections.items():
-        if isinstance(value, Sequence) and not isinstance(value, str) and all(
-            isinstance(v, Mapping) for v in value
+        if (
+            isinstance(value, Sequence)
+            and not isinstance(value, str)
+            and all(isinstance(v, Mapping) for v in value)
         ):
             out[name] = [
                 {k: (_relative(v, folder) if k in _PATH_KEYS or _is_abs_path(v) else v) for k, v in e.items()}

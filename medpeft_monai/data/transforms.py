@@ -24,9 +24,10 @@ from monai.transforms import (
     Resized,
     ResizeWithPadOrCropd,
     ScaleIntensityd,
+    SqueezeDim,
 )
 
-__all__ = ["MatchChannelsd", "classification_transforms", "segmentation_transforms"]
+__all__ = ["DropTrailingSingletond", "MatchChannelsd", "classification_transforms", "segmentation_transforms"]
 
 _MODES = ("train", "eval", "infer")
 
@@ -54,7 +55,11 @@ class MatchChannelsd(MapTransform):
         if c == 4 and n == 3:
             return img[:3]
         if c in (3, 4) and n == 1:
-            return img[:3].mean(0, keepdims=True) if isinstance(img, np.ndarray) else img[:3].mean(0, keepdim=True)
+            return (
+                img[:3].mean(0, keepdims=True)
+                if isinstance(img, np.ndarray)
+                else img[:3].mean(0, keepdim=True)
+            )
         raise ValueError(
             f"'{key}' has {c} channels (shape {tuple(img.shape)}) but {n} are expected, and {c} -> {n} "
             f"has no safe conversion. Fix: set num_channels={c} (and the network's input channels to {c}), "
@@ -65,6 +70,26 @@ class MatchChannelsd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self._match(d[key], key)
+        return d
+
+
+class DropTrailingSingletond(MapTransform):
+    """Drop trailing size-1 spatial dims until an image has ``spatial_rank`` spatial dims.
+
+    A 2D multi-channel NIfTI stored as (H, W, 1, C) loads as (C, H, W, 1); this makes it (C, H, W).
+    Images that already have the rank, or whose extra dims are not size 1, are left unchanged.
+    """
+
+    def __init__(self, keys: KeysCollection, spatial_rank: int, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.spatial_rank = int(spatial_rank)
+        self._squeeze = SqueezeDim(dim=-1)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            while d[key].ndim - 1 > self.spatial_rank and d[key].shape[-1] == 1:
+                d[key] = self._squeeze(d[key])
         return d
 
 
@@ -110,7 +135,10 @@ def segmentation_transforms(
     label_key = keys[1] if len(keys) > 1 and mode != "infer" else None
     all_keys = [image_key] + ([label_key] if label_key else [])
     size = tuple(int(s) for s in image_size)
-    xforms = [LoadImaged(keys=all_keys, ensure_channel_first=True, image_only=True)]
+    xforms = [
+        LoadImaged(keys=all_keys, ensure_channel_first=True, image_only=True),
+        DropTrailingSingletond(keys=all_keys, spatial_rank=len(size)),
+    ]
     if num_channels is not None:
         xforms.append(MatchChannelsd(keys=image_key, num_channels=num_channels))
     xforms.append(_intensity(image_key, intensity))
@@ -156,7 +184,10 @@ def classification_transforms(
     """
     _check_mode(mode)
     size = tuple(int(s) for s in image_size)
-    xforms = [LoadImaged(keys=image_key, ensure_channel_first=True, image_only=True)]
+    xforms = [
+        LoadImaged(keys=image_key, ensure_channel_first=True, image_only=True),
+        DropTrailingSingletond(keys=image_key, spatial_rank=len(size)),
+    ]
     if num_channels is not None:
         xforms.append(MatchChannelsd(keys=image_key, num_channels=num_channels))
     xforms += [

@@ -1,0 +1,31 @@
+"""Datalists, offline sample data sets and MONAI transform presets."""
+
+from .datalist import DatalistError, load_datalist, write_datalist
+from .sample_data import (
+    SAMPLE_DATASETS,
+    sample_data_root,
+    sample_dataset,
+    simulate_fundus,
+    simulate_ultrasound,
+)
+from .transforms import (
+    DropTrailingSingletond,
+    MatchChannelsd,
+    classification_transforms,
+    segmentation_transforms,
+)
+
+__all__ = [
+    "SAMPLE_DATASETS",
+    "DatalistError",
+    "DropTrailingSingletond",
+    "MatchChannelsd",
+    "classification_transforms",
+    "load_datalist",
+    "sample_data_root",
+    "sample_dataset",
+    "segmentation_transforms",
+    "simulate_fundus",
+    "simulate_ultrasound",
+    "write_datalist",
+]

@@ -1,0 +1,368 @@
+"""Tests for medpeft_monai.data: datalists, offline sample data builders and transform presets."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medpeft_monai.data import (
+    SAMPLE_DATASETS,
+    DatalistError,
+    MatchChannelsd,
+    classification_transforms,
+    load_datalist,
+    sample_data_root,
+    sample_dataset,
+    segmentation_transforms,
+    write_datalist,
+)
+from medpeft_monai.data import sample_data as sd
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    """Every sample data set built once for this module, through MEDPEFT_DATA_DIR."""
+    root = tmp_path_factory.mktemp("sample_data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDPEFT_DATA_DIR", str(root))
+        for name in SAMPLE_DATASETS:
+            assert sample_dataset(name) == str(root / name)
+    return root
+
+
+def _read(path: str) -> np.ndarray:
+    if path.endswith(".png"):
+        return np.asarray(Image.open(path))
+    return np.asarray(nib.load(path).dataobj)
+
+
+def _sections(folder: Path) -> dict:
+    return json.loads((folder / "datalist.json").read_text())
+
+
+def _label_values(items, tf) -> set:
+    values = set()
+    for item in items:
+        values |= set(torch.unique(tf(item)["label"]).int().tolist())
+    return values
+
+
+# ------------------------------------------------------------------ sample data: common behaviour
+
+
+def test_sample_data_root(monkeypatch, tmp_path):
+    monkeypatch.setenv("MEDPEFT_DATA_DIR", str(tmp_path))
+    assert sample_data_root() == tmp_path
+    monkeypatch.delenv("MEDPEFT_DATA_DIR")
+    assert sample_data_root() == Path.home() / ".cache" / "medpeft_monai" / "sample_data"
+
+
+def test_unknown_dataset_and_kwargs(tmp_path):
+    with pytest.raises(ValueError, match="Available: .*brain_mri_2d"):
+        sample_dataset("no_such_data", root=tmp_path)
+    with pytest.raises(ValueError, match="accepted keyword arguments: \\['image_size'\\]"):
+        sample_dataset("ultrasound_lesion", root=tmp_path, colour=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", SAMPLE_DATASETS)
+def test_builder_writes_complete_dataset(data_root, name):
+    folder = data_root / name
+    card = (folder / "DATA_CARD.md").read_text()
+    for word in (
+        ("Source", "Licence", "How it was made", "Limits", "seed")
+        if name != "brain_mri_2d"
+        else ("Source", "Licence", "How it was made", "Limits")
+    ):
+        assert word.lower() in card.lower(), f"{name} card lacks {word}"
+    if name in ("fundus_disc_cup", "ultrasound_lesion", "multiseq_mri"):
+        assert "SIMULATED" in card
+    data = _sections(folder)
+    assert data["name"] == name
+    lists = [k for k, v in data.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+    assert {"training", "validation", "test"} <= set(lists)
+    for key in lists:
+        items = load_datalist(folder / "datalist.json", key)  # checks that every file exists
+        assert items and all(os.path.isabs(i["image"]) for i in items)
+    # a second call reuses the cache (no rebuild message, same folder)
+    assert sample_dataset(name, root=data_root) == str(folder)
+
+
+def test_cached_dataset_is_not_rebuilt(data_root, capsys):
+    sample_dataset("ultrasound_lesion", root=data_root)
+    assert "building" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", SAMPLE_DATASETS)
+def test_builds_are_deterministic(data_root, tmp_path, name):
+    other = Path(sample_dataset(name, root=tmp_path))
+    a, b = _sections(data_root / name), _sections(other)
+    assert a == b
+    for items in a.values():
+        if isinstance(items, list) and items and isinstance(items[0], dict):
+            for item in items:
+                for field in ("image", "label"):
+                    if isinstance(item.get(field), str):
+                        x, y = _read(str(data_root / name / item[field])), _read(str(other / item[field]))
+                        assert x.dtype == y.dtype and np.array_equal(x, y), item[field]
+
+
+def test_failed_build_leaves_nothing(monkeypatch, tmp_path, capsys):
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(sd, "_write_card", boom)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        sample_dataset("ultrasound_lesion", root=tmp_path)
+    assert "building sample data set 'ultrasound_lesion'" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # no dataset folder, no temporary folder
+
+
+def test_kwargs_select_a_variant_folder(tmp_path):
+    folder = Path(sample_dataset("ultrasound_lesion", root=tmp_path, image_size=32))
+    assert folder.name == "ultrasound_lesion__image_size-32"
+    item = load_datalist(folder / "datalist.json", "test")[0]
+    assert _read(item["image"]).shape == (32, 32)
+
+
+# ------------------------------------------------------------------ sample data: per data set
+
+
+def test_brain_mri_2d(data_root):
+    dl = data_root / "brain_mri_2d" / "datalist.json"
+    splits = {k: load_datalist(dl, k) for k in ("training", "validation", "test")}
+    assert [len(v) for v in splits.values()] == [16, 4, 4]
+    tf = segmentation_transforms("eval", image_size=(64, 64))
+    out = tf(splits["training"][0])
+    assert out["image"].shape == (1, 64, 64) and out["label"].shape == (1, 64, 64)
+    assert 0.0 <= float(out["image"].min()) and float(out["image"].max()) <= 1.0
+    assert _label_values(splits["training"], tf) == {0, 1, 2}
+    raw = _read(splits["test"][0]["image"])
+    assert raw.shape == (64, 64) and raw.dtype == np.float32
+    assert _read(splits["test"][0]["label"]).dtype == np.uint8
+    # splits come from separate z ranges: no slice shared, and slices of other splits are further
+    # from any training slice than the spacing inside a block
+    z = {k: np.array([i["z_mm"] for i in v]) for k, v in splits.items()}
+    gap_within = np.diff(np.sort(z["training"][:4])).min()
+    for k in ("validation", "test"):
+        assert np.abs(z[k][:, None] - z["training"][None]).min() > gap_within
+    assert np.abs(z["validation"][:, None] - z["test"][None]).min() > gap_within
+
+
+def test_brain_mri_3d(data_root):
+    dl = data_root / "brain_mri_3d" / "datalist.json"
+    train = load_datalist(dl, "training")
+    assert (
+        len(train) == 4 and len(load_datalist(dl, "validation")) == 1 and len(load_datalist(dl, "test")) == 1
+    )
+    tf = segmentation_transforms("eval", image_size=(48, 56, 48))
+    out = tf(train[0])
+    assert out["image"].shape == (1, 48, 56, 48) and out["label"].shape == (1, 48, 56, 48)
+    assert _label_values(train[:1], tf) == {0, 1, 2}
+    img = nib.load(train[0]["image"])
+    assert np.allclose(np.diag(img.affine)[:3], [3.5, 3.5, 3.5])
+    vols = [_read(i["image"]) for i in train]
+    assert not any(np.array_equal(vols[0], v) for v in vols[1:])
+
+
+def test_medical_vs_natural(data_root):
+    folder = data_root / "medical_vs_natural"
+    data = _sections(folder)
+    assert data["classes"] == ["medical", "natural"]
+    sizes = {k: len(data[k]) for k in ("training", "validation", "test")}
+    assert sizes == {"training": 48, "validation": 16, "test": 16}
+    for key, n in sizes.items():
+        labels = [e["label"] for e in data[key]]
+        assert labels.count(0) == labels.count(1) == n // 2
+        for e in data[key]:
+            assert data["domains"][e["domain_id"]] == e["domain"]
+            assert (e["label"] == 1) == (e["domain"] in ("natural", "texture"))
+    # every medical domain appears in training; raw files are RGB uint8 PNGs
+    assert {e["domain"] for e in data["training"]} == set(data["domains"])
+    raw = _read(str(folder / data["test"][0]["image"]))
+    assert raw.shape == (64, 64, 3) and raw.dtype == np.uint8
+    # a source used by several splits only uses disjoint regions of the image
+    by_source: dict = {}
+    for split, _domain, src, box in sd._MVN_SOURCES:
+        by_source.setdefault(src, []).append((split, box))
+    for uses in by_source.values():
+        for i, (s1, b1) in enumerate(uses):
+            for s2, b2 in uses[i + 1 :]:
+                assert s1 != s2
+                overlap_rows = min(b1[1], b2[1]) > max(b1[0], b2[0])
+                overlap_cols = min(b1[3], b2[3]) > max(b1[2], b2[2])
+                assert not (overlap_rows and overlap_cols)
+    items = load_datalist(folder / "datalist.json", "training")
+    out = classification_transforms("train", image_size=(64, 64))(items[0])
+    assert out["image"].shape == (3, 64, 64) and out["image"].dtype == torch.float32
+    assert out["label"].dtype == torch.long and int(out["label"]) == items[0]["label"]
+    assert classification_transforms("infer")({"image": items[0]["image"]})["image"].shape == (3, 64, 64)
+
+
+def test_fundus_disc_cup(data_root):
+    from scipy.ndimage import binary_dilation
+
+    folder = data_root / "fundus_disc_cup"
+    dl = folder / "datalist.json"
+    sizes = {
+        k: len(load_datalist(dl, k))
+        for k in ("training", "validation", "test", "target_unlabeled", "target_test")
+    }
+    assert sizes == {"training": 24, "validation": 8, "test": 8, "target_unlabeled": 10, "target_test": 8}
+    assert all("label" not in i and i["domain"] == "target" for i in load_datalist(dl, "target_unlabeled"))
+    means = {}
+    for key in ("training", "target_test"):
+        items = load_datalist(dl, key)
+        for item in items:
+            lab = _read(item["label"])
+            assert set(np.unique(lab)) == {0, 1, 2}
+            # the cup lies inside the disc: no cup pixel touches the background
+            assert not (binary_dilation(lab == 2) & (lab == 0)).any()
+        means[key] = np.mean([_read(i["image"]).mean() for i in items])
+        assert _read(items[0]["image"]).shape == (64, 64, 3)
+    assert means["target_test"] < means["training"]  # the target style is darker
+    out = segmentation_transforms("train", image_size=(64, 64), num_channels=3)(
+        load_datalist(dl, "training")[0]
+    )
+    assert out["image"].shape == (3, 64, 64) and out["label"].shape == (1, 64, 64)
+    assert segmentation_transforms("infer")(load_datalist(dl, "target_unlabeled")[0])["image"].shape == (
+        3,
+        64,
+        64,
+    )
+
+
+def test_ultrasound_lesion(data_root):
+    dl = data_root / "ultrasound_lesion" / "datalist.json"
+    items = load_datalist(dl, "training")
+    assert [len(load_datalist(dl, k)) for k in ("training", "validation", "test")] == [24, 8, 8]
+    for item in items:
+        img, lab = _read(item["image"]).astype(float), _read(item["label"])
+        assert img.shape == (64, 64) and set(np.unique(lab)) == {0, 1}
+        tissue = (img > 0) & (lab == 0)
+        assert img[lab == 1].mean() < img[tissue].mean()  # hypoechoic
+    out = segmentation_transforms("eval", num_channels=3)(items[0])
+    assert out["image"].shape == (3, 64, 64) and _label_values(
+        items[:1], segmentation_transforms("eval")
+    ) == {0, 1}
+
+
+def test_multiseq_mri(data_root):
+    from monai.transforms import LoadImaged
+
+    dl = data_root / "multiseq_mri" / "datalist.json"
+    data = _sections(data_root / "multiseq_mri")
+    assert data["channels"] == ["t1", "t2", "flair"]
+    items = load_datalist(dl, "training")
+    assert [len(load_datalist(dl, k)) for k in ("training", "validation", "test")] == [16, 4, 4]
+    item = items[len(items) // 2]
+    raw = LoadImaged("image", ensure_channel_first=True, image_only=True)(item)["image"]
+    assert raw.shape == (3, 64, 64, 1)
+    out = segmentation_transforms("eval", image_size=(64, 64))(item)
+    assert out["image"].shape == (3, 64, 64) and out["label"].shape == (1, 64, 64)
+    for c, seq in enumerate(data["channels"]):
+        assert np.allclose(_read(item[seq]), np.asarray(raw[c, :, :, 0]))
+    lab = _read(item["label"]) > 0
+    assert lab.sum() >= 3
+    t1, t2, flair = (_read(item[s]) for s in ("t1", "t2", "flair"))
+    wm = (t1 > np.percentile(t1[t1 > 0.1], 80)) & ~lab  # bright on T1 = white matter
+    assert flair[lab].mean() > flair[wm].mean() and t2[lab].mean() > t2[wm].mean()
+    single = segmentation_transforms("eval", keys=("flair", "label"))(item)
+    assert single["flair"].shape == (1, 64, 64)
+
+
+# ------------------------------------------------------------------ datalist reading and writing
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_load_datalist_errors(tmp_path):
+    with pytest.raises(DatalistError, match="Datalist file not found: .*nope.json.*Fix"):
+        load_datalist(tmp_path / "nope.json")
+    bad = _write(tmp_path / "bad.json", '{\n  "training": [\n    {"image": "a.png",}\n  ]\n}')
+    with pytest.raises(DatalistError, match="bad.json.*not valid JSON.*line 3, column"):
+        load_datalist(bad)
+    ok = _write(tmp_path / "ok.json", json.dumps({"training": [{"image": "a.png", "label": 0}]}))
+    with pytest.raises(DatalistError, match=r"no section 'validation'.*Available sections: \['training'\]"):
+        load_datalist(ok, "validation")
+    with pytest.raises(DatalistError, match=r"Entry 0 of section 'training'.*image file not found.*a.png"):
+        load_datalist(ok)
+    (tmp_path / "a.png").write_bytes(b"")
+    missing = _write(
+        tmp_path / "missing.json",
+        json.dumps(
+            {"training": [{"image": "a.png", "label": 1}, {"image": "a.png", "label": "lab/b.nii.gz"}]}
+        ),
+    )
+    with pytest.raises(DatalistError, match=r"Entry 1 .*label file not found.*b.nii.gz"):
+        load_datalist(missing)
+    assert len(load_datalist(missing, check_files=False)) == 2
+    not_dict = _write(tmp_path / "nd.json", json.dumps({"training": ["a.png"]}))
+    with pytest.raises(DatalistError, match="Entry 0 .* is a str, not an object"):
+        load_datalist(not_dict)
+    no_image = _write(tmp_path / "ni.json", json.dumps({"training": [{"label": 0}]}))
+    with pytest.raises(DatalistError, match="Entry 0 .* has no 'image' field"):
+        load_datalist(no_image)
+    with pytest.raises(ValueError):  # DatalistError is a ValueError
+        load_datalist(tmp_path)
+
+
+def test_load_datalist_paths(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(b"")
+    dl = _write(
+        tmp_path / "dl.json",
+        json.dumps({"training": [{"image": "imgs/a.png", "label": 1}], "test": ["imgs/a.png"]}),
+    )
+    item = load_datalist(dl)[0]
+    assert item == {"image": str(tmp_path / "imgs" / "a.png"), "label": 1}
+    assert load_datalist(dl, "test") == [{"image": str(tmp_path / "imgs" / "a.png")}]
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    moved = _write(other / "dl.json", json.dumps({"training": [{"image": "imgs/a.png"}]}))
+    assert load_datalist(moved, base_dir=tmp_path)[0]["image"] == str(tmp_path / "imgs" / "a.png")
+
+
+def test_write_datalist_roundtrip(tmp_path):
+    (tmp_path / "data").mkdir()
+    img = tmp_path / "data" / "x.nii.gz"
+    img.write_bytes(b"")
+    out = tmp_path / "data" / "datalist.json"
+    write_datalist(
+        out, {"training": [{"image": str(img), "label": 0, "domain": "ct"}], "classes": ["a", "b"]}
+    )
+    stored = json.loads(out.read_text())
+    assert stored == {"training": [{"image": "x.nii.gz", "label": 0, "domain": "ct"}], "classes": ["a", "b"]}
+    assert load_datalist(out)[0]["image"] == str(img)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["datalist.json", "x.nii.gz"]  # no temp left
+
+
+# ------------------------------------------------------------------ transforms
+
+
+def test_match_channels():
+    x = torch.rand(1, 8, 8)
+    assert MatchChannelsd("image", 3)({"image": x})["image"].shape == (3, 8, 8)
+    assert MatchChannelsd("image", 3)({"image": np.zeros((4, 8, 8))})["image"].shape == (3, 8, 8)
+    assert MatchChannelsd("image", 1)({"image": torch.rand(3, 8, 8)})["image"].shape == (1, 8, 8)
+    with pytest.raises(ValueError, match="2 channels .* but 3 are expected.*Fix: set num_channels=2"):
+        MatchChannelsd("image", 3)({"image": torch.rand(2, 8, 8)})
+
+
+def test_preset_arguments_are_checked():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        segmentation_transforms("training")
+    with pytest.raises(ValueError, match="intensity must be"):
+        classification_transforms("eval", intensity="minmax")
+    with pytest.raises(ValueError, match="spatial must be"):
+        segmentation_transforms("eval", spatial="crop")
