@@ -35,6 +35,7 @@ __all__ = [
     "find_backbone",
     "load_peft_state_dict",
     "merge_peft",
+    "param_groups",
     "peft_config",
     "peft_state_dict",
     "register_method",
@@ -275,6 +276,44 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def param_groups(model: nn.Module, adapter_lr: float = 1e-3, head_lr: float = 1e-4,
+                 weight_decay: float | None = None) -> list[dict]:
+    """Optimizer parameter groups with separate learning rates for the adapter and the head.
+
+    The "adapter" group holds the trainable parameters inside the model's
+    :class:`~medpeft_monai.backbones.FrozenBackbone` (injected modules, or whatever the method unfroze);
+    the "head" group every other trainable parameter (classifier head, decoder). Empty groups are left
+    out. Works for any PEFT method, e.g. in a bundle config::
+
+        "optimizer": {"_target_": "torch.optim.AdamW",
+                      "params": "$medpeft_monai.peft.param_groups(@network, 1e-3, 1e-4)"}
+
+    Args:
+        model: a network containing a FrozenBackbone (or the backbone itself).
+        adapter_lr: learning rate of the trainable backbone parameters (paper: 1e-3).
+        head_lr: learning rate of the rest (paper: 1e-4).
+        weight_decay: set on both groups; ``None`` keeps the optimizer's default.
+    """
+    backbone = find_backbone(model)
+    in_backbone = {id(p) for p in backbone.parameters()}
+    adapter, head, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (adapter if id(p) in in_backbone else head).append(p)
+    groups = []
+    for name, params, lr in (("adapter", adapter, adapter_lr), ("head", head, head_lr)):
+        if params:
+            group = {"params": params, "lr": float(lr), "name": name}
+            if weight_decay is not None:
+                group["weight_decay"] = float(weight_decay)
+            groups.append(group)
+    if not groups:
+        raise PeftError("The model has no trainable parameters; apply a PEFT method or add a head.")
+    return groups
 
 
 # Baselines that inject nothing ---------------------------------------------------------------

@@ -1,0 +1,392 @@
+"""DKA: Dual-Kernel Adapter (ICLR 2026, "Expanding Spatial Horizons for Data-Constrained Medical Image
+Analysis").
+
+A bottleneck adapter whose middle transformation is a pair of parallel depthwise convolutions on the
+patch-token grid, a large kernel (51 x 51) that widens the effective receptive field and a small one
+(5 x 5) that keeps local detail::
+
+    z      = GELU(Down(x))                                  Down: C -> m (linear), then reshape to (B, m, H, W)
+    DKA(x) = x + s * Up(GELU(DW_51(z) + DW_5(z)))           Up: m -> C (linear, zero-initialised)
+
+GELU comes *before* the convolutions (on the down-projected tokens) and again after their sum, as in
+the paper's description and released code. Class/register (prefix) tokens are set aside before the
+convolution (they only see ``Up(GELU(GELU(Down(x))))``); the token grid and prefix count come from the
+backbone's :class:`~medpeft_monai.backbones.BlockInfo`, never from ``sqrt(N - 1)``.
+
+Placement (``position``):
+
+* ``"block"`` (default): sequentially after every selected transformer block, on the residual stream,
+  ``x <- block(x); x <- x + s * a(x)``. This is where the authors' released code puts it (a hook after
+  each block's forward); it is also the post-MLP site of Mona (we read the paper's "following Yin et al.
+  2024" as Mona, which adds a sequential adapter after attention and after the MLP).
+* ``"mlp"``: parallel to the MLP, reading the un-normalised stream like AdaptFormer,
+  ``x <- x + MLP(LN2 x) + s * a(x)`` (inside the block's layer-scale / drop-path if it has them).
+* ``"attn"``: parallel to self-attention, ``x <- x + Attn(LN1 x) + s * a(x)`` (ViT-family only: Swin and
+  Hiera attention run on windows / pooled queries, not on the token grid).
+* ``"both"``: ``"attn"`` and ``"mlp"``.
+
+Backbones: ViT family (``"nlc"``: class and register tokens, non-square grids), Swin and SAM2-HieraDet
+(``"nhwc"``; a Swin MLP sees ``(B, H*W, C)`` raster tokens) and timm Hiera (``"unrolled"``: tokens are
+put back into raster order with the model's own ``Reroll`` permutation, convolved and unrolled again).
+
+Inference fast path: both branches are linear, so they sum into one depthwise kernel (the small kernel
+zero-padded to the large size, biases added). On an ``H x W`` grid, offsets beyond ``+-(H-1)`` only meet
+zero padding, so the merged kernel is also cropped to at most ``(2H-1) x (2W-1)`` with identical output
+(e.g. a 14x14 ViT-B grid needs 27x27 instead of 51x51). :func:`~medpeft_monai.peft.merge_peft` switches
+every :class:`DualKernelConv` to that single convolution; the adapter itself (GELU, projections) stays,
+because it is non-linear and cannot fold into the frozen backbone. Gradients still flow in merged mode
+(the kernel is then rebuilt from the parameters on each forward), so training works in either mode.
+
+The paper trains adapters and head with different learning rates (adapter 1e-3, head 1e-4);
+:func:`medpeft_monai.peft.param_groups` builds those optimizer groups for any PEFT model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medpeft_monai.backbones import BlockInfo, FrozenBackbone
+from medpeft_monai.peft.adapters import Bottleneck, ParallelAdapter, TokenGridConv
+from medpeft_monai.peft.core import (
+    PeftConfig,
+    PeftError,
+    PeftModule,
+    find_backbone,
+    register_method,
+    replace_module,
+    select_blocks,
+)
+
+__all__ = [
+    "DKAAdapter",
+    "DKABlock",
+    "DKAConfig",
+    "DKAParallel",
+    "DualKernelConv",
+    "UnrolledTokenConv",
+    "cropped_kernel_size",
+]
+
+POSITIONS = ("block", "mlp", "attn", "both")
+
+
+def cropped_kernel_size(kernel: int, grid: tuple[int, int]) -> tuple[int, int]:
+    """Largest useful size of an odd ``kernel`` on an ``(H, W)`` grid: ``min(K, 2H-1) x min(K, 2W-1)``."""
+    return min(kernel, 2 * int(grid[0]) - 1), min(kernel, 2 * int(grid[1]) - 1)
+
+
+def _check_kernel(name: str, k: int) -> int:
+    if int(k) != k or k < 1 or k % 2 == 0:
+        raise PeftError(f"{name} must be a positive odd integer (same-size 'same' padding), got {k}.")
+    return int(k)
+
+
+class DualKernelConv(PeftModule):
+    """``DW_large(z) + DW_small(z)``: two parallel depthwise convolutions with 'same' padding.
+
+    Args:
+        channels: ``m``, the bottleneck width (one filter per channel).
+        large: large kernel size (paper: 51).
+        small: small kernel size (paper: 5); must not exceed ``large``.
+        bias: give each branch a bias (the merged bias is their sum).
+        grid: the ``(H, W)`` grid this module will see, if known; :meth:`merge` then precomputes the
+            cropped kernel for it (other input sizes are handled on the fly).
+
+    Input and output ``(B, m, H, W)``.
+    """
+
+    mergeable: ClassVar[bool] = True
+
+    def __init__(self, channels: int, large: int = 51, small: int = 5, bias: bool = True,
+                 grid: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        large, small = _check_kernel("large_kernel", large), _check_kernel("small_kernel", small)
+        if small > large:
+            raise PeftError(f"small_kernel ({small}) must not exceed large_kernel ({large}).")
+        if channels < 1:
+            raise PeftError(f"The adapter width must be >= 1, got {channels}.")
+        self.channels, self.large_size, self.small_size = int(channels), large, small
+        self.large = nn.Conv2d(channels, channels, large, padding=large // 2, groups=channels, bias=bias)
+        self.small = nn.Conv2d(channels, channels, small, padding=small // 2, groups=channels, bias=bias)
+        self.grid = None if grid is None else (int(grid[0]), int(grid[1]))
+        self.merged = False
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, large={self.large_size}, small={self.small_size}, merged={self.merged}"
+
+    def merged_kernel(self, grid: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One depthwise kernel (and bias) equal to both branches together.
+
+        Args:
+            grid: ``(H, W)`` of the input; the kernel is cropped to
+                :func:`cropped_kernel_size` for it. ``None`` keeps the full ``large x large`` kernel.
+
+        Returns:
+            ``(weight, bias)`` with ``weight`` of shape ``(m, 1, kh, kw)`` and ``bias`` ``(m,)`` or ``None``.
+            Differentiable with respect to the branch parameters.
+        """
+        k, s = self.large_size, self.small_size
+        off = (k - s) // 2
+        weight = self.large.weight + F.pad(self.small.weight, (off, off, off, off))
+        if grid is not None:
+            kh, kw = cropped_kernel_size(k, grid)
+            top, left = (k - kh) // 2, (k - kw) // 2
+            weight = weight[:, :, top:top + kh, left:left + kw]
+        bias = None
+        if self.large.bias is not None:
+            bias = self.large.bias + self.small.bias
+        return weight, bias
+
+    def _cached_kernel(self, grid: tuple[int, int], ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        params = [p for p in (self.large.weight, self.large.bias, self.small.weight, self.small.bias) if p is not None]
+        # parameter versions change on every in-place update (optimizer steps, load_state_dict)
+        key = (grid, ref.device, ref.dtype, tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
+        hit = self._cache.get(key)
+        if hit is None:
+            with torch.no_grad():
+                w, b = self.merged_kernel(grid)
+                hit = (w.to(ref.dtype).contiguous(), None if b is None else b.to(ref.dtype))
+            self._cache.clear()
+            self._cache[key] = hit
+        return hit
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if not self.merged:
+            return self.large(z) + self.small(z)
+        grid = (int(z.shape[-2]), int(z.shape[-1]))
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        if needs_grad:
+            w, b = self.merged_kernel(grid)
+        else:
+            w, b = self._cached_kernel(grid, z)
+        return F.conv2d(z, w, b, padding=(w.shape[-2] // 2, w.shape[-1] // 2), groups=self.channels)
+
+    def merge(self) -> None:
+        """Switch to the single cropped-kernel convolution (idempotent)."""
+        self.merged = True
+        self._cache.clear()
+        if self.grid is not None:
+            self._cached_kernel(self.grid, self.large.weight)
+
+    def unmerge(self) -> None:
+        """Back to the two-branch reference (idempotent; the parameters were never changed)."""
+        self.merged = False
+        self._cache.clear()
+
+
+class _MergeChildren:
+    """Mixin: :meth:`merge` / :meth:`unmerge` switch every :class:`DualKernelConv` inside the module."""
+
+    mergeable: ClassVar[bool] = True
+
+    def merge(self) -> None:
+        for m in self.modules():
+            if isinstance(m, DualKernelConv):
+                m.merge()
+
+    def unmerge(self) -> None:
+        for m in self.modules():
+            if isinstance(m, DualKernelConv):
+                m.unmerge()
+
+
+class UnrolledTokenConv(nn.Module):
+    """Apply a 2D module to timm-Hiera tokens kept in mask-unit ("unrolled") order.
+
+    ``perm[r]`` is the unrolled index of the token at raster position ``r`` (from the model's
+    ``Reroll``); tokens are gathered into raster order, convolved, and scattered back.
+    """
+
+    def __init__(self, conv: nn.Module, perm: torch.Tensor, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.conv, self.grid = conv, (int(grid[0]), int(grid[1]))
+        if perm.numel() != self.grid[0] * self.grid[1]:
+            raise PeftError(f"Token permutation of length {perm.numel()} does not fit the {grid} grid.")
+        self.register_buffer("perm", perm.long().flatten(), persistent=False)
+        self.register_buffer("inverse", torch.argsort(self.perm), persistent=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, n, m = h.shape
+        gh, gw = self.grid
+        if n != gh * gw:
+            raise PeftError(f"Token count {n} does not match the {gh}x{gw} grid; the image size differs from "
+                            "the one the backbone was built for.")
+        raster = h[:, self.perm].transpose(1, 2).reshape(b, m, gh, gw)
+        out = self.conv(raster).flatten(2).transpose(1, 2)
+        return out[:, self.inverse]
+
+
+class DKAAdapter(_MergeChildren, Bottleneck):
+    """``a(x) = Up(GELU(DW_large(z) + DW_small(z)))``, ``z = GELU(Down(x))``; ``Up`` zero-initialised.
+
+    Args:
+        width: token width ``C``.
+        hidden: bottleneck width ``m`` (paper: 16 for classification, 192 for segmentation).
+        grid: patch-token grid ``(H, W)``.
+        num_prefix_tokens: class/register tokens in front of the patch tokens (they bypass the convolution).
+        large_kernel, small_kernel: kernel sizes (paper: 51 and 5).
+        dropout: dropout before ``Up``.
+        perm: for Hiera's unrolled tokens, the raster -> unrolled token permutation (see
+            :class:`UnrolledTokenConv`); ``None`` for raster / NHWC tokens.
+
+    Input ``(B, prefix + H*W, C)``, ``(B, H, W, C)`` or unrolled ``(B, H*W, C)``; output the same shape.
+    """
+
+    def __init__(self, width: int, hidden: int, grid: tuple[int, int], num_prefix_tokens: int = 0,
+                 large_kernel: int = 51, small_kernel: int = 5, dropout: float = 0.0,
+                 perm: torch.Tensor | None = None) -> None:
+        conv = DualKernelConv(hidden, large_kernel, small_kernel, grid=grid)
+        if perm is None:
+            mid: nn.Module = TokenGridConv(conv, grid, num_prefix_tokens)
+        else:
+            mid = UnrolledTokenConv(conv, perm, grid)
+        super().__init__(width, hidden, mid=mid, act=nn.GELU, dropout=dropout)
+
+    @property
+    def dual_conv(self) -> DualKernelConv:
+        return self.mid.conv
+
+
+class DKAParallel(_MergeChildren, ParallelAdapter):
+    """``f(norm(x)) + s * a(x)`` with a :class:`DKAAdapter` (mergeable: switches its convolution only)."""
+
+
+class DKABlock(_MergeChildren, PeftModule):
+    """A transformer block followed by a DKA on its output: ``y = block(x); return y + s * a(y)``.
+
+    Attributes the wrapper does not have (``attn``, ``mlp``, ``dim_out`` ...) are read from the block.
+    """
+
+    def __init__(self, block: nn.Module, adapter: DKAAdapter, scale: float) -> None:
+        super().__init__()
+        self.inner, self.adapter, self.scale = block, adapter, float(scale)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("inner", "adapter") or name.startswith("__"):
+                raise
+            return getattr(super().__getattr__("inner"), name)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.inner(x, *args, **kwargs)
+        return y + self.scale * self.adapter(y)
+
+
+def _out_width(block: nn.Module) -> int:
+    """Width of the block output (= MLP input; differs from the block input in Hiera's stage openers)."""
+    mlp = getattr(block, "mlp", None)
+    if mlp is None:
+        raise PeftError(f"DKA: block {type(block).__name__} has no `mlp`; cannot tell its output width.")
+    return next(m for m in mlp.modules() if isinstance(m, nn.Linear)).in_features
+
+
+def _unrolled_perm(backbone: FrozenBackbone, index: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Raster -> unrolled permutation of the tokens leaving (and inside the MLP of) Hiera block ``index``."""
+    reroll = getattr(backbone.model, "reroll", None)
+    schedule = getattr(reroll, "schedule", None)
+    if reroll is None or schedule is None or index not in schedule:
+        raise PeftError(f"DKA: {backbone.name} has unrolled tokens but no timm `Reroll` to put them in raster "
+                        "order; use a SAM2-Hiera backbone (sam2_hiera_*) whose blocks take (B, H, W, C) tokens.")
+    size = [int(s) for s in schedule[index][1]]
+    if len(size) != 2:
+        raise PeftError(f"DKA supports 2D Hiera models only; {backbone.name} has a {len(size)}D token grid.")
+    n = size[0] * size[1]
+    raster = reroll(torch.arange(n).view(1, n, 1), index)
+    if tuple(raster.shape) != (1, size[0], size[1], 1):
+        raise PeftError(f"DKA: unexpected Reroll output {tuple(raster.shape)} for {backbone.name} block {index}; "
+                        "use a sam2_hiera_* backbone instead.")
+    return raster.reshape(-1), (size[0], size[1])
+
+
+@register_method
+@dataclass
+class DKAConfig(PeftConfig):
+    """Dual-Kernel Adapter (see the module docstring for the equation and the placements).
+
+    Args:
+        hidden: bottleneck width ``m`` (paper: 16 for classification, 192 for segmentation).
+        large_kernel: large depthwise kernel (paper: 51; odd).
+        small_kernel: small depthwise kernel (paper: 5; odd, at most ``large_kernel``).
+        position: ``"block"`` (default: after each block, as in the released code and Mona),
+            ``"mlp"`` (parallel to the MLP), ``"attn"`` (parallel to attention, ViT only) or ``"both"``.
+        scale: ``s``, multiplies the adapter output.
+        dropout: dropout before the up-projection (the released code uses 0.1).
+        blocks: block indices to adapt (``None``: all).
+
+    Train with :func:`medpeft_monai.peft.param_groups` (adapter lr 1e-3, head lr 1e-4 in the paper).
+    """
+
+    method: ClassVar[str] = "dka"
+    hidden: int = 16
+    large_kernel: int = 51
+    small_kernel: int = 5
+    position: str = "block"
+    scale: float = 1.0
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.position not in POSITIONS:
+            raise PeftError(f"DKA position must be one of {POSITIONS}, got {self.position!r}.")
+        if int(self.hidden) < 1:
+            raise PeftError(f"DKA hidden (m) must be >= 1, got {self.hidden}.")
+        _check_kernel("large_kernel", self.large_kernel)
+        _check_kernel("small_kernel", self.small_kernel)
+        if self.small_kernel > self.large_kernel:
+            raise PeftError(f"small_kernel ({self.small_kernel}) must not exceed large_kernel ({self.large_kernel}).")
+        if not 0.0 <= self.dropout < 1.0:
+            raise PeftError(f"DKA dropout must be in [0, 1), got {self.dropout}.")
+
+    def _adapter(self, width: int, grid: tuple[int, int], prefix: int, perm: torch.Tensor | None = None) -> DKAAdapter:
+        return DKAAdapter(width, self.hidden, grid, prefix, self.large_kernel, self.small_kernel, self.dropout, perm)
+
+    def _output_layout(self, backbone: FrozenBackbone, info: BlockInfo, block: nn.Module):
+        """``(grid, prefix, perm)`` of the tokens leaving the block / entering its MLP."""
+        if info.token_format == "nlc":
+            return info.grid, info.num_prefix_tokens, None
+        if info.token_format == "nhwc":
+            # Swin: the MLP sees (B, H*W, C) raster tokens of the block grid; SAM2: (B, H, W, C) of the
+            # output grid (TokenGridConv reads a 4D grid from the tensor itself).
+            return info.grid, 0, None
+        if info.token_format == "unrolled":
+            perm, grid = _unrolled_perm(backbone, info.index)
+            return grid, 0, perm
+        raise PeftError(f"DKA does not know token format {info.token_format!r} ({backbone.name} block {info.index}).")
+
+    def inject(self, backbone: FrozenBackbone) -> None:
+        wants_attn = self.position in ("attn", "both")
+        todo = []
+        for i in select_blocks(backbone, self.blocks):
+            info = backbone.blocks[i]
+            block = backbone.block_module(i)
+            if wants_attn and info.token_format != "nlc":
+                raise PeftError(f"DKA position={self.position!r} needs ViT-family blocks (attention on the token "
+                                f"grid); {backbone.name} block {i} has {info.token_format!r} tokens with windowed "
+                                "or pooled attention. Use position='block' or 'mlp'.")
+            for attr in (("norm1", "attn") if wants_attn else ()) + (
+                    ("norm2", "mlp") if self.position in ("mlp", "both") else ()):
+                if not hasattr(block, attr):
+                    raise PeftError(f"DKA: block {info.name} of {backbone.name} has no `{attr}`.")
+            todo.append((info, block))
+        for info, block in todo:
+            grid, prefix, perm = self._output_layout(backbone, info, block)
+            width = _out_width(block)
+            if self.position == "block":
+                replace_module(backbone.model, info.name, DKABlock(block, self._adapter(width, grid, prefix, perm),
+                                                                   self.scale))
+                continue
+            if wants_attn:
+                block.attn = DKAParallel(block.attn, self._adapter(info.width, info.grid, info.num_prefix_tokens),
+                                         self.scale, norm=block.norm1)
+                block.norm1 = nn.Identity()
+            if self.position in ("mlp", "both"):
+                block.mlp = DKAParallel(block.mlp, self._adapter(width, grid, prefix, perm), self.scale,
+                                        norm=block.norm2)
+                block.norm2 = nn.Identity()

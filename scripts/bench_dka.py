@@ -1,0 +1,232 @@
+"""Benchmark the Dual-Kernel Adapter against linear probing, measured in one run.
+
+Variants (all a PeftClassifier with the same frozen backbone and a linear head):
+
+* ``linear_probe``: the frozen backbone alone, only the head trains (the reference);
+* ``dka``: DKA in every block, the two-branch reference (51x51 and 5x5 depthwise convolutions);
+* ``dka_merged``: the same adapters after ``merge_peft``: one depthwise convolution per adapter with the
+  merged kernel cropped to the token grid (training rebuilds that kernel from the parameters each step).
+
+For each: trainable parameters, median training-step time (forward, cross-entropy, backward, AdamW step
+with the paper's adapter/head learning rates) and median inference time (eval, ``torch.inference_mode``),
+after warm-up iterations, with ``torch.cuda.synchronize`` on GPUs. The variants are timed round-robin
+(one iteration of each in turn), so a change in machine load affects all of them alike; ratios are to
+``linear_probe`` in the same run. On GPUs the peak allocated memory of one step is reported too.
+
+Examples::
+
+    python scripts/bench_dka.py                                  # small CPU preset
+    python scripts/bench_dka.py --preset vitb --device cuda --out bench_dka_vitb.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+import medpeft_monai.peft.dka  # noqa: F401  (registers "dka")
+from medpeft_monai.nets.classifier import PeftClassifier
+from medpeft_monai.peft import count_parameters, merge_peft
+from medpeft_monai.peft import param_groups
+from medpeft_monai.peft.dka import cropped_kernel_size
+
+PRESETS = {
+    "cpu": {"backbone": "vit_tiny_patch16_224", "model_kwargs": {"depth": 12}, "image_size": 96, "batch": 8,
+            "warmup": 5, "iters": 20},
+    "vitb": {"backbone": "vit_base_patch16_224", "model_kwargs": {}, "image_size": 224, "batch": 32,
+             "warmup": 5, "iters": 20},
+}
+VARIANTS = ("linear_probe", "dka", "dka_merged")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device) -> float:
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def _interleaved(fns: dict, device: torch.device, warmup: int, iters: int) -> dict[str, float]:
+    """Median wall time (ms) of each ``fn()``, measured round-robin so load changes hit all variants alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(iters):
+        for k, fn in fns.items():
+            times[k].append(_timed(fn, device))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _peak_mib(fn, device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() + " (CPU)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build(variant: str, cfg: dict, device: torch.device, num_classes: int) -> PeftClassifier:
+    torch.manual_seed(0)
+    peft = "linear_probe" if variant == "linear_probe" else {"method": "dka", "hidden": cfg["hidden"]}
+    model = PeftClassifier(cfg["backbone"], num_classes=num_classes, peft=peft, image_size=cfg["image_size"],
+                           model_kwargs=cfg["model_kwargs"])
+    if variant != "linear_probe":
+        with torch.no_grad():  # trained-like, non-zero adapters (timing does not depend on the values)
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.02)
+    if variant == "dka_merged":
+        merge_peft(model)
+    return model.to(device)
+
+
+def prepare(variant: str, cfg: dict, device: torch.device, num_classes: int = 10):
+    """The model and its training-step and inference closures."""
+    model = build(variant, cfg, device, num_classes)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(cfg["batch"], 3, cfg["image_size"], cfg["image_size"], generator=gen).to(device)
+    y = torch.randint(0, num_classes, (cfg["batch"],), generator=gen).to(device)
+    opt = torch.optim.AdamW(param_groups(model, 1e-3, 1e-4))
+
+    def train_step():
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    def infer():
+        model.eval()
+        with torch.inference_mode():
+            model(x)
+
+    return model, train_step, infer
+
+
+def bench(variants: list[str], cfg: dict, device: torch.device) -> list[dict]:
+    prepared = {v: prepare(v, cfg, device) for v in variants}
+    train = _interleaved({v: p[1] for v, p in prepared.items()}, device, cfg["warmup"], cfg["iters"])
+    infer = _interleaved({v: p[2] for v, p in prepared.items()}, device, cfg["warmup"], cfg["iters"])
+    rows = []
+    for v, (model, train_step, infer_fn) in prepared.items():
+        trainable, total = count_parameters(model)
+        rows.append({"variant": v, "trainable_params": trainable, "total_params": total,
+                     "train_step_ms": train[v], "inference_ms": infer[v],
+                     "train_images_per_s": cfg["batch"] / train[v] * 1e3,
+                     "inference_images_per_s": cfg["batch"] / infer[v] * 1e3,
+                     "train_peak_mib": _peak_mib(train_step, device),
+                     "inference_peak_mib": _peak_mib(infer_fn, device)})
+    return rows
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    ref = next(r for r in rows if r["variant"] == "linear_probe")
+    lines = [
+        (f"Backbone `{meta['backbone']}` {meta['model_kwargs'] or ''} at {meta['image_size']} px "
+        f"(token grid {meta['grid'][0]}x{meta['grid'][1]}; merged kernel {meta['merged_kernel'][0]}x"
+        f"{meta['merged_kernel'][1]} instead of {meta['large_kernel']}x{meta['large_kernel']}), "
+        f"batch {meta['batch']}, "
+        f"DKA m={meta['hidden']} in all {meta['num_blocks']} blocks; device {meta['device_name']}, "
+        f"{meta['threads']} CPU thread(s); median of {meta['iters']} round-robin iterations after {meta['warmup']} warm-up."),
+        "",
+        "| variant | trainable params | train step (ms) | x frozen | inference (ms) | x frozen |"
+        + (" train peak (MiB) |" if meta["device"] == "cuda" else ""),
+        "|---|---:|---:|---:|---:|---:|" + ("---:|" if meta["device"] == "cuda" else ""),
+    ]
+    for r in rows:
+        line = (f"| {r['variant']} | {r['trainable_params']:,} | {r['train_step_ms']:.1f} | "
+                f"{r['train_step_ms'] / ref['train_step_ms']:.2f} | {r['inference_ms']:.1f} | "
+                f"{r['inference_ms'] / ref['inference_ms']:.2f} |")
+        if meta["device"] == "cuda":
+            line += f" {r['train_peak_mib']:.0f} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--depth", type=int, default=None, help="override the number of ViT blocks")
+    p.add_argument("--hidden", type=int, default=16, help="DKA width m (paper: 16 classification, 192 segmentation)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--out", default=None, help="write the results as JSON")
+    args = p.parse_args(argv)
+
+    cfg = dict(PRESETS[args.preset], hidden=args.hidden)
+    cfg["model_kwargs"] = dict(cfg["model_kwargs"])
+    for key in ("batch", "image_size", "warmup", "iters"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    if args.depth is not None:
+        cfg["model_kwargs"]["depth"] = args.depth
+    if "linear_probe" not in args.variants:
+        args.variants = ["linear_probe", *args.variants]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda but no CUDA device is available.")
+        torch.backends.cudnn.benchmark = True
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = _cpu_name()
+
+    rows = bench(args.variants, cfg, device)
+    probe = PeftClassifier(cfg["backbone"], 2, image_size=cfg["image_size"], model_kwargs=cfg["model_kwargs"])
+    grid = probe.backbone.grid_size
+    meta = {**cfg, "preset": args.preset, "device": device.type, "device_name": device_name,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "grid": list(grid),
+            "num_blocks": len(probe.backbone.blocks), "large_kernel": 51,
+            "merged_kernel": list(cropped_kernel_size(51, grid)),
+            "command": "python scripts/bench_dka.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    table = markdown(rows, meta)
+    print(table)
+    result = {"meta": meta, "results": rows, "markdown": table}
+    if args.out:
+        folder = os.path.dirname(os.path.abspath(args.out))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
