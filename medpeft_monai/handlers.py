@@ -5,12 +5,23 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
 from medpeft_monai.peft import peft_state_dict, save_atomic
 
-__all__ = ["AdapterSaver"]
+__all__ = ["AdapterSaver", "scores_and_labels"]
+
+
+def scores_and_labels(output: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decollated classification output -> ``(scores (B, C), labels (B,))`` for ignite's ``Accuracy``.
+
+    Use as ``"output_transform": "$medpeft_monai.handlers.scores_and_labels"`` on an ignite metric.
+    """
+    scores = torch.stack([torch.as_tensor(item["pred"]) for item in output])
+    labels = torch.stack([torch.as_tensor(item["label"]).long().reshape(-1)[0] for item in output])
+    return scores, labels
 
 
 class AdapterSaver:

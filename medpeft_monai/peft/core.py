@@ -246,20 +246,25 @@ def _peft_modules(model: nn.Module) -> list[PeftModule]:
     return [m for m in model.modules() if isinstance(m, PeftModule)]
 
 
-def merge_peft(model: nn.Module) -> None:
-    """Fold every injected module into the frozen weights (outputs unchanged, no extra inference cost)."""
+def merge_peft(model: nn.Module) -> nn.Module:
+    """Switch every injected module to its merged inference form (outputs unchanged) and return ``model``.
+
+    LoRA folds into the frozen weights; DKA swaps its two depthwise branches for one cropped kernel.
+    """
     mods = _peft_modules(model)
     blocked = sorted({type(m).__name__ for m in mods if not m.mergeable})
     if blocked:
         raise PeftError(f"Cannot merge: {', '.join(blocked)} are not linear in their input.")
     for m in mods:
         m.merge()
+    return model
 
 
-def unmerge_peft(model: nn.Module) -> None:
-    """Undo :func:`merge_peft`."""
+def unmerge_peft(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge_peft` and return ``model``."""
     for m in _peft_modules(model):
         m.unmerge()
+    return model
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
