@@ -2,5 +2,6 @@
 
 from medpeft_monai.nets.classifier import PeftClassifier
 from medpeft_monai.nets.segmenter import PeftSegmenter, default_levels
+from medpeft_monai.nets.dcrm import DCRMClassifier, DCRMSegmenter  # noqa: E402  (after the base nets)
 
-__all__ = ["PeftClassifier", "PeftSegmenter", "default_levels"]
+__all__ = ["DCRMClassifier", "DCRMSegmenter", "PeftClassifier", "PeftSegmenter", "default_levels"]

@@ -26,9 +26,10 @@ from medpeft_monai.peft.lora import LoRAConfig, LoRALinear
 from medpeft_monai.peft.adapters import AdaptFormerConfig, AdapterConfig, Bottleneck, ConvpassConfig, TokenGridConv
 from medpeft_monai.peft.prompts import PromptedBlock, VPTConfig
 from medpeft_monai.peft.dka import DKAConfig, DualKernelConv
+from medpeft_monai.peft.dcrm import DCRMConfig
 
 __all__ = [
-    "PEFT_FORMAT", "AdaptFormerConfig", "DKAConfig", "DualKernelConv", "AdapterConfig", "BitFitConfig", "Bottleneck", "ConvpassConfig",
+    "PEFT_FORMAT", "AdaptFormerConfig", "DCRMConfig", "DKAConfig", "DualKernelConv", "AdapterConfig", "BitFitConfig", "Bottleneck", "ConvpassConfig",
     "FullFinetuneConfig", "LinearProbeConfig", "LoRAConfig", "LoRALinear", "PeftConfig", "PeftError",
     "PeftModule", "PromptedBlock", "TokenGridConv", "VPTConfig", "apply_peft", "count_parameters",
     "find_backbone", "find_targets", "load_peft_state_dict", "merge_peft", "param_groups", "peft_config", "peft_state_dict",

@@ -1,0 +1,429 @@
+"""Mechanism tests of DCRM-ViT: RMB on Q/V only, router/PSN/DAB, ablation switches, the bi-level trainer,
+adapter round trip, the PSN cost model, and the dcrm_vit_multidomain bundle end to end."""
+
+import copy
+import csv
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from medpeft_monai.engines import BilevelTrainer, DomainEpisodeSampler, modulator_parameter_names, split_tasks
+from medpeft_monai.nets import PeftClassifier
+from medpeft_monai.nets.dcrm import DCRMClassifier, DCRMSegmenter
+from medpeft_monai.peft import PeftError, load_peft_state_dict, peft_state_dict
+from medpeft_monai.peft.dcrm import (
+    RMBQKV,
+    DomainAwareAttention,
+    DomainAwareBias,
+    TALer,
+    find_controller,
+    psn_flops,
+)
+from tests.conftest import TINY_VIT
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "bundles" / "dcrm_vit_multidomain"
+SIZE = 32
+K = 3
+
+
+def build(num_domains=K, seed=0, **peft):
+    name, kwargs = TINY_VIT
+    torch.manual_seed(seed)
+    return DCRMClassifier(name, 2, num_domains=num_domains, peft=peft, image_size=SIZE, model_kwargs=kwargs)
+
+
+def perturb(model, std=0.05, seed=1):
+    """Give every zero-initialised DCRM parameter a random value (so corrections are non-zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and not n.endswith("log_inner_lr"):
+                p.add_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def images(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, SIZE, SIZE, generator=g)
+
+
+def frozen_params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+
+# ---------------------------------------------------------------------------------------------- RMB / K
+
+
+def test_k_output_is_the_frozen_projection_bit_for_bit():
+    model = perturb(build()).eval()
+    seen = []
+    for m in model.modules():
+        if isinstance(m, RMBQKV):
+            m.register_forward_hook(lambda mod, inp, out: seen.append((mod, inp[0], out)))
+    with torch.no_grad():
+        model(images())
+    assert len(seen) == 2  # both blocks
+    for mod, x, out in seen:
+        ref = mod.base(x)
+        d = ref.shape[-1] // 3
+        assert torch.equal(out[..., d:2 * d], ref[..., d:2 * d])       # K untouched
+        assert not torch.allclose(out[..., :d], ref[..., :d])           # Q corrected
+        assert not torch.allclose(out[..., 2 * d:], ref[..., 2 * d:])   # V corrected
+
+
+def test_k_target_is_refused():
+    with pytest.raises(PeftError, match="K stays frozen"):
+        build(targets="qk")
+
+
+def test_at_init_output_equals_frozen_backbone_plus_head():
+    x = images()
+    name, kwargs = TINY_VIT
+    torch.manual_seed(0)
+    ref = PeftClassifier(name, 2, image_size=SIZE, model_kwargs=kwargs).eval()
+    for use_dab in (False, True):
+        model = build(use_dab=use_dab).eval()
+        model.head.load_state_dict(ref.head.state_dict())
+        with torch.no_grad():
+            out, expected = model(x), ref(x)
+        if use_dab:  # a zero float mask may take another attention kernel
+            torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(out, expected)
+
+
+# ---------------------------------------------------------------------------------------------- DR + PSN
+
+
+def _synth_vector(ctrl, embedding, probs):
+    return torch.cat([v.reshape(v.shape[0], -1) for v in ctrl.synthesize(embedding, probs).values()], dim=1)
+
+
+def test_synthesised_parameters_differ_by_input_and_move_smoothly_with_domain_probs():
+    model = perturb(build(), std=0.2).eval()
+    ctrl = find_controller(model)
+    # a grey speckle ("medical-like") image and a colourful smooth ("natural-like") one
+    g = torch.Generator().manual_seed(3)
+    grey = torch.rand(1, 1, SIZE, SIZE, generator=g).repeat(1, 3, 1, 1)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, SIZE), torch.linspace(0, 1, SIZE), indexing="ij")
+    colour = torch.stack([yy, xx, 1 - yy]).unsqueeze(0)
+    with torch.no_grad():
+        model(torch.cat([grey, colour]))
+        synth = ctrl.context.synth
+        a, b = (torch.cat([v[i] for v in synth.values()]) for i in (0, 1))
+        assert not torch.allclose(a, b, atol=1e-4)
+        taler = next(m for m in model.modules() if isinstance(m, TALer))
+        key = next(iter(synth))
+        w = taler.parameters_for(synth[key])["W_DS_T"]
+        assert not torch.allclose(w[0], w[1], atol=1e-5)
+
+        # interpolate D(x) between one-hot domains at a fixed embedding
+        emb = ctrl.context.embedding[:1]
+        ts = torch.linspace(0, 1, 21)
+        e0, e1 = torch.eye(K)[0], torch.eye(K)[1]
+        thetas = torch.cat([_synth_vector(ctrl, emb, ((1 - t) * e0 + t * e1)[None]) for t in ts])
+        steps = (thetas[1:] - thetas[:-1]).norm(dim=1)
+        dist = (thetas - thetas[0]).norm(dim=1)
+        assert dist[-1] > 0
+        # Lipschitz bound of FC2 . GELU . FC1 restricted to the D(x) input (|GELU'| <= 1.13)
+        w1p = ctrl.psn.fc1.weight[:, -K:]
+        lip = torch.linalg.matrix_norm(ctrl.psn.fc2.weight, 2) * 1.13 * torch.linalg.matrix_norm(w1p, 2)
+        dp = ((e1 - e0) * (ts[1] - ts[0])).norm()
+        assert (steps <= lip * dp + 1e-6).all()
+        assert (dist[1:] >= dist[:-1] - 1e-6).all()  # monotone away from the start
+        assert steps.max() <= 2.0 * steps.mean()      # no jumps
+
+
+def test_router_outputs_and_medical_subdomains():
+    model = build(num_domains=5).eval()
+    logits, dom = model.forward_with_domain(images(3))
+    assert logits.shape == (3, 2) and dom.shape == (3, 5)
+    torch.testing.assert_close(model.last_domain_probs.sum(1), torch.ones(3))
+    with pytest.raises(PeftError, match="num_domains"):
+        build(num_domains=1)
+
+
+# ---------------------------------------------------------------------------------------------- DAB
+
+
+@pytest.mark.parametrize("form", ["relative", "full"])
+def test_bias_mixing_is_sum_of_domain_matrices(form):
+    torch.manual_seed(0)
+    bias = DomainAwareBias(num_domains=4, num_heads=3, grid=(2, 3), num_prefix_tokens=1, form=form)
+    with torch.no_grad():
+        for p in bias.parameters():
+            p.normal_()
+    probs = torch.softmax(torch.randn(5, 4), dim=1)
+    mats = bias.matrices()
+    assert mats.shape == (4, 3, 7, 7)
+    expected = sum(probs[:, k, None, None, None] * mats[k] for k in range(4))
+    torch.testing.assert_close(bias(probs), expected, rtol=1e-6, atol=1e-6)
+    onehot = torch.eye(4)[2:3]
+    assert torch.equal(bias(onehot)[0], mats[2])
+    with torch.no_grad():  # the inference cache follows parameter updates
+        cached = bias(probs)
+        bias.table.add_(1.0)
+        assert not torch.allclose(bias(probs), cached)
+        bias.table.sub_(1.0)
+        torch.testing.assert_close(bias(probs), cached)
+    if form == "relative":  # patch pairs with the same offset share an entry
+        m = mats[0, 0, 1:, 1:]
+        assert m[0, 1] == m[3, 4] and m[1, 0] == m[4, 3]
+
+
+def test_dab_reaches_attention_as_attn_mask():
+    model = perturb(build()).eval()
+    masks = []
+    for m in model.modules():
+        if isinstance(m, DomainAwareAttention):
+            m.attn.register_forward_pre_hook(lambda mod, a, kw: masks.append(kw.get("attn_mask")), with_kwargs=True)
+            dab = m
+    with torch.no_grad():
+        model(images(2))
+    assert len(masks) == 2 and all(mk is not None for mk in masks)
+    probs = model.last_domain_probs
+    torch.testing.assert_close(masks[-1], dab.bias(probs))
+
+
+# ---------------------------------------------------------------------------------------------- ablations
+
+
+def _attn_masks(model):
+    masks = []
+    for blk in model.backbone.model.blocks:
+        inner = blk.attn.attn if isinstance(blk.attn, DomainAwareAttention) else blk.attn
+        inner.register_forward_pre_hook(lambda mod, a, kw: masks.append(kw.get("attn_mask")), with_kwargs=True)
+    with torch.no_grad():
+        model(images(2))
+    return masks
+
+
+def test_each_ablation_switch_removes_its_component():
+    full = build()
+    names = {n for n, p in full.named_parameters() if p.requires_grad}
+    assert any(".talers." in n for n in names) and any(".router." in n for n in names)
+    assert any(".psn." in n for n in names) and any(".bias." in n for n in names)
+    assert any(n.endswith("rescale") for n in names)
+
+    m = build(use_rmb=False)
+    assert not any(isinstance(x, (RMBQKV, TALer)) for x in m.modules()) and find_controller(m).psn is None
+    assert all(isinstance(b.attn.attn.qkv, torch.nn.Linear) for b in m.backbone.model.blocks)
+
+    m = build(use_router=False).eval()
+    assert find_controller(m).router is None
+    _, dom = m.forward_with_domain(images(2))
+    assert dom is None and torch.equal(m.last_domain_probs, torch.full((2, K), 1.0 / K))
+
+    m = perturb(build(use_psn=False)).eval()
+    assert find_controller(m).psn is None
+    x = images(3)
+    with torch.no_grad():
+        m(x)
+        assert m.dcrm.context.synth is None and float(m.last_synth_reg) == 0.0
+
+    m = build(use_dab=False)
+    assert not any(isinstance(x, (DomainAwareAttention, DomainAwareBias)) for x in m.modules())
+    assert all(mask is None for mask in _attn_masks(m))
+    assert all(mask is not None for mask in _attn_masks(build()))
+
+    m = build(use_rescale=False)
+    talers = [x for x in m.modules() if isinstance(x, TALer)]
+    assert all(t.rescale is None for t in talers)
+    assert talers[0].synth_size == next(t for t in build().modules() if isinstance(t, TALer)).synth_size - 1
+
+
+def test_no_meta_learning_runs_no_inner_loop(monkeypatch):
+    model = build()
+    trainer = _trainer(model, _toy_loader(), mode="joint")
+    monkeypatch.setattr(trainer, "_adapt", lambda *a, **k: (_ for _ in ()).throw(AssertionError("inner loop ran")))
+    trainer.run()
+    assert math.isfinite(float(trainer.state.output[0]["loss"]))
+
+
+# ---------------------------------------------------------------------------------------------- bi-level
+
+
+def _toy_data(n=16, seed=0):
+    """Two domains; the class is the domain, visible as a brightness offset."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        d = i % 2
+        out.append({"image": torch.randn(3, SIZE, SIZE, generator=g) * 0.5 + (1.0 if d else -1.0),
+                    "label": torch.tensor(d), "domain_id": d})
+    return out
+
+
+def _toy_loader(n=16, batch=8):
+    return torch.utils.data.DataLoader(_toy_data(n), batch_size=batch, shuffle=False)
+
+
+def _trainer(model, loader, epochs=1, lr=1e-2, **kw):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    return BilevelTrainer("cpu", epochs, loader, model, opt, torch.nn.CrossEntropyLoss(), **kw)
+
+
+def test_inner_loop_changes_modulators_and_never_the_backbone():
+    model = perturb(build())
+    trainer = _trainer(model, _toy_loader())
+    batch = next(iter(_toy_loader()))
+    x, y = batch["image"][:4], batch["label"][:4]
+    before = frozen_params(model)
+    params = dict(model.named_parameters())
+    phi = {n: params[n].detach().clone() for n in trainer.inner_names}
+    assert trainer.inner_names == modulator_parameter_names(model) and trainer.inner_names
+    assert all(".talers." in n for n in trainer.inner_names)
+    loss = trainer.dcrm_loss.task(model(x), y)
+    fast = trainer._adapt(model, x, y, loss)
+    assert set(fast) == set(phi)
+    assert any(not torch.equal(fast[n], phi[n]) for n in phi)
+    for n, value in phi.items():  # the inner loop is functional: phi itself is untouched
+        assert torch.equal(params[n], value)
+    trainer.run()  # full episodes with the outer update
+    after = frozen_params(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+    assert any(not torch.equal(params[n].detach(), phi[n]) for n in phi)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_outer_gradient_reaches_router_psn_and_inner_lr(first_order):
+    model = build()
+    loader = _toy_loader()
+    trainer = _trainer(model, loader, first_order=first_order)
+    trainer.run()  # two episodes: the zero-initialised PSN output layer moves off zero
+    batch = next(iter(loader))
+    ctrl = find_controller(model)
+    model.zero_grad()
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        loss, _, _ = trainer._bilevel(model, batch["image"], batch["label"], torch.as_tensor(batch["domain_id"]))
+    loss.backward()
+    for part in (ctrl.router, ctrl.psn):
+        for n, p in part.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+    assert ctrl.log_inner_lr.grad is not None and ctrl.log_inner_lr.grad != 0
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def test_outer_loop_reduces_the_loss_on_a_toy_problem():
+    model = build()
+    loader = _toy_loader(16, 8)
+    data = next(iter(torch.utils.data.DataLoader(_toy_data(16), batch_size=16)))
+
+    def task_loss():
+        model.eval()
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(model(data["image"]), data["label"]))
+
+    start = task_loss()
+    _trainer(model, loader, epochs=4, lr=3e-3).run()
+    assert task_loss() < 0.8 * start
+
+
+def test_split_tasks_and_episode_sampler():
+    tasks = split_tasks(torch.tensor([2, 0, 2, 5, 0, 2, 7]))
+    assert [(s.tolist(), None if q is None else q.tolist()) for s, q in tasks] == [
+        ([1], [4]), ([0, 2], [5]), ([3], [6])]
+    domains = [0] * 6 + [1] * 3 + [2] * 5 + [3] * 2
+    classes = [0] * 9 + [1] * 7
+    sampler = DomainEpisodeSampler(domains, tasks_per_episode=2, shots=3, class_ids=classes, seed=0)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 3
+    for b in batches:
+        doms = {domains[i] for i in b}
+        assert len(doms) == 2 and {classes[i] for i in b} == {0, 1}
+        assert len(set(b)) == len(b)
+    assert batches != list(sampler)  # a new draw each epoch
+
+
+# ---------------------------------------------------------------------------------------------- artefacts / cost
+
+
+def test_peft_state_dict_round_trip_reproduces_outputs():
+    model = perturb(build()).eval()
+    payload = peft_state_dict(model)
+    assert payload["method"]["method"] == "dcrm"
+    assert any(".dcrm.router." in n for n in payload["state_dict"]) and any(".psn." in n for n in payload["state_dict"])
+    assert not any(n.endswith("qkv.base.weight") for n in payload["state_dict"])
+    fresh = build().eval()
+    load_peft_state_dict(fresh, copy.deepcopy(payload))
+    x = images(3)
+    with torch.no_grad():
+        a, da = model.forward_with_domain(x)
+        b, db = fresh.forward_with_domain(x)
+    assert torch.equal(a, b) and torch.equal(da, db)
+    with pytest.raises(PeftError, match="PEFT config"):
+        load_peft_state_dict(build(use_dab=False), payload)
+
+
+def test_psn_flops_match_the_flop_counter():
+    model = build()
+    ctrl = find_controller(model)
+    talers = [m for m in model.modules() if isinstance(m, TALer)]
+    width = talers[0].width
+    cost = psn_flops(width, K, len(talers), rank=8, bank_size=4, bottleneck=120)
+    assert cost["params"] == sum(p.numel() for p in ctrl.psn.parameters())
+    emb, probs = torch.randn(1, width), torch.softmax(torch.randn(1, K), 1)
+    with FlopCounterMode(display=False) as fc:
+        synth = ctrl.synthesize(emb, probs)
+    assert fc.get_total_flops() == cost["mlp"]
+    with FlopCounterMode(display=False) as fc:
+        for t, s in zip(talers, synth.values()):
+            t.parameters_for(s)
+    assert fc.get_total_flops() == cost["materialise"]
+
+
+def test_segmenter_returns_logits_and_domain_logits():
+    name, kwargs = TINY_VIT
+    seg = DCRMSegmenter(name, 3, num_domains=2, image_size=SIZE, model_kwargs=kwargs).eval()
+    with torch.no_grad():
+        y, dom = seg.forward_with_domain(images(2))
+    assert y.shape == (2, 3, SIZE, SIZE) and dom.shape == (2, 2)
+
+
+# ---------------------------------------------------------------------------------------------- bundle
+
+
+def run_bundle(bundle_root, configs, *overrides):
+    files = [str(bundle_root / "configs" / c) for c in configs]
+    arg = files[0] if len(files) == 1 else json.dumps(files)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", arg, "--bundle_root", str(bundle_root),
+           *overrides]
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res.stdout + res.stderr
+
+
+def test_dcrm_bundle_train_evaluate_infer(tmp_path):
+    bundle = tmp_path / "dcrm_vit_multidomain"
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "eval"))
+    small = ("--backbone_kwargs", "{'depth': 2}")
+    out = run_bundle(bundle, ["train.json"], "--epochs", "2", *small)
+    assert "train_loss" in out and "val_acc_natural" in out
+    assert (bundle / "models" / "model.pt").is_file() and (bundle / "models" / "adapter.pt").is_file()
+
+    out = run_bundle(bundle, ["train.json", "evaluate.json"], *small)
+    rows = list(csv.DictReader((bundle / "eval" / "per_domain_accuracy.csv").open()))
+    from medpeft_monai.data import sample_dataset
+
+    datalist = json.loads((Path(sample_dataset("medical_vs_natural")) / "datalist.json").read_text())
+    test_domains = {e["domain"] for e in datalist["test"]}
+    assert {r["domain"] for r in rows} == test_domains | {"all"}
+    assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in rows)
+    assert int(next(r for r in rows if r["domain"] == "all")["n"]) == len(datalist["test"])
+
+    run_bundle(bundle, ["inference.json"], *small)
+    preds = list(csv.DictReader((bundle / "eval" / "predictions.csv").open()))
+    assert len(preds) == len(datalist["test"])
+    row = preds[0]
+    assert abs(float(row["p_medical"]) + float(row["p_natural"]) - 1) < 1e-4
+    dom_cols = [c for c in row if c.startswith("p_domain_")]
+    assert len(dom_cols) == len(datalist["domains"])
+    assert abs(sum(float(row[c]) for c in dom_cols) - 1) < 1e-4
