@@ -105,8 +105,8 @@ class FrozenBackbone(nn.Module):
         name: timm model name, e.g. ``vit_small_patch16_224``, ``vit_base_patch14_reg4_dinov2``,
             ``swin_tiny_patch4_window7_224``, ``hiera_tiny_224``, ``sam2_hiera_tiny``.
         weights: ``None`` / ``"none"`` (random init, always seeded with ``INIT_SEED`` so that adapter
-            artefacts trained on it can be reloaded onto an identical backbone), ``"hub"`` (timm pretrained, needs network) or a
-            path to a local weights file.
+            artefacts trained on it can be reloaded onto an identical backbone), ``"hub"`` (timm
+            pretrained, needs network) or a path to a local weights file.
         image_size: input side (int) or ``(H, W)``; position embeddings are resampled to it.
         in_chans: input channels; 1-channel medical images keep one channel and pretrained RGB
             patch-embedding weights are summed into it by timm.

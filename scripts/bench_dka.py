@@ -35,8 +35,7 @@ import torch.nn.functional as F
 
 import medpeft_monai.peft.dka  # noqa: F401  (registers "dka")
 from medpeft_monai.nets.classifier import PeftClassifier
-from medpeft_monai.peft import count_parameters, merge_peft
-from medpeft_monai.peft import param_groups
+from medpeft_monai.peft import count_parameters, merge_peft, param_groups
 from medpeft_monai.peft.dka import cropped_kernel_size
 
 PRESETS = {
@@ -155,7 +154,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"{meta['merged_kernel'][1]} instead of {meta['large_kernel']}x{meta['large_kernel']}), "
         f"batch {meta['batch']}, "
         f"DKA m={meta['hidden']} in all {meta['num_blocks']} blocks; device {meta['device_name']}, "
-        f"{meta['threads']} CPU thread(s); median of {meta['iters']} round-robin iterations after {meta['warmup']} warm-up."),
+        f"{meta['threads']} CPU thread(s); median of {meta['iters']} round-robin iterations after "
+        f"{meta['warmup']} warm-up."),
         "",
         "| variant | trainable params | train step (ms) | x frozen | inference (ms) | x frozen |"
         + (" train peak (MiB) |" if meta["device"] == "cuda" else ""),

@@ -16,8 +16,8 @@ from medpeft_monai.peft import (
     apply_peft,
     load_peft_state_dict,
     merge_peft,
-    peft_config,
     param_groups,
+    peft_config,
     peft_state_dict,
     unmerge_peft,
 )

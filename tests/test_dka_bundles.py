@@ -15,7 +15,6 @@ from scripts.low_data import main as low_data_main
 from scripts.low_data import subsample
 from tests.test_bundles import ROOT, run_bundle
 
-
 SMALL = {"global_pool": "avg", "depth": 3}  # a 3-block backbone keeps the subprocess runs short
 
 

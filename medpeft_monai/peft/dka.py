@@ -56,7 +56,6 @@ from medpeft_monai.peft.core import (
     PeftConfig,
     PeftError,
     PeftModule,
-    find_backbone,
     register_method,
     replace_module,
     select_blocks,
