@@ -1,0 +1,72 @@
+"""Helpers for multi-process (``torchrun``) bundle training: ``configs/multi_gpu_train.json``.
+
+A bundle's ``multi_gpu_train.json`` is merged over ``train.json`` the MONAI way::
+
+    torchrun --nproc_per_node 2 -m monai.bundle run \\
+        --config_file "['configs/train.json','configs/multi_gpu_train.json']" --bundle_root .
+
+It wraps ``network`` in ``DistributedDataParallel``, gives both data loaders a
+``DistributedSampler`` and keeps handlers that only write outputs (console statistics, checkpoints,
+adapter files, experiment tracking) on rank 0 through :func:`handlers_for_rank`. Handlers that
+change the training state or run collective operations (``ValidationHandler``, ``LrScheduleHandler``,
+``EarlyStopHandler``, ``MetricsSaver``, ``ClassificationSaver``, ...) stay on every rank, so the
+ranks never fall out of step.
+
+:func:`backend` and :func:`local_device` pick NCCL/GPU when CUDA is present and Gloo/CPU otherwise,
+so the same config runs on GPUs and, for tests, on a CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["RANK_ZERO_ONLY", "backend", "get_rank", "handlers_for_rank", "is_rank_zero_only", "local_device"]
+
+# Handlers that only produce outputs; every other handler runs on all ranks.
+RANK_ZERO_ONLY = (
+    "StatsHandler",
+    "TensorBoardStatsHandler",
+    "TensorBoardImageHandler",
+    "CheckpointSaver",
+    "MLFlowHandler",
+    "ClearMLStatsHandler",
+    "ClearMLImageHandler",
+    "AdapterSaver",
+    "MLflowBundleLogger",
+)
+
+
+def backend() -> str:
+    """``"nccl"`` with CUDA, else ``"gloo"`` (CPU)."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def local_device() -> torch.device:
+    """``cuda:<LOCAL_RANK>`` with CUDA, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    return torch.device("cpu")
+
+
+def get_rank() -> int:
+    """This process's rank, 0 when not distributed."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_rank_zero_only(handler: Any) -> bool:
+    """True for handlers that only write outputs (by class name, or a ``rank_zero_only = True`` attribute)."""
+    if getattr(handler, "rank_zero_only", False):
+        return True
+    return any(cls.__name__ in RANK_ZERO_ONLY for cls in type(handler).__mro__)
+
+
+def handlers_for_rank(handlers: Sequence[Any] | None, rank: int | None = None) -> list[Any]:
+    """All ``handlers`` on rank 0; on other ranks only those that are not output-only."""
+    handlers = list(handlers or [])
+    rank = get_rank() if rank is None else rank
+    return handlers if rank == 0 else [h for h in handlers if not is_rank_zero_only(h)]

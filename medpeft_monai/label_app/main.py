@@ -1,0 +1,159 @@
+"""MONAI Label app that serves every trained segmentation bundle of this project.
+
+Start it from the repository root (needs ``pip install -e ".[label]"``)::
+
+    monailabel start_server --app medpeft_monai/label_app --studies /path/to/images \\
+        --conf bundles bundles --host 127.0.0.1 --port 8000
+
+Each bundle under ``--conf bundles <folder>`` (default: the ``bundles/`` folder of this checkout)
+whose ``configs/metadata.json`` declares a ``segmentation`` output and that has a trained
+``models/model.pt`` becomes the MONAI Label model ``<bundle name>`` (``POST /infer/<bundle name>``;
+listed by ``GET /info/``). MONAI Label's own ``BundleInferTask`` runs it with the bundle's
+``inference.json`` (``network_def``, ``preprocessing``, ``inferer``, ``postprocessing``; the
+``SaveImaged`` step is left out and the label is written in the input image's geometry). 2D bundles
+return a 2D NIfTI label with the image's affine (MONAI Label's default writer would keep the
+channel axis and drop the affine of 2D images; see ``SegmentationBundleInfer.writer``).
+
+Options (``--conf <key> <value>``):
+    bundles: folder holding the bundles (default: ``bundles/`` next to the installed package, else
+        ``./bundles``).
+    models: comma-separated bundle names to serve, or ``all`` (default).
+    preload: ``true`` to build the networks at start-up instead of on the first request.
+
+``monailabel start_server`` creates ``model/``, ``lib/``, ``logs/`` and ``bin/`` folders inside the
+app folder; they hold nothing this app needs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import monailabel
+import nibabel as nib
+import numpy as np
+from monai.data import MetaTensor
+from monai.transforms import Lambdad
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+from monailabel.tasks.infer.bundle import BundleInferTask
+from monailabel.utils.others.generic import file_ext
+
+logger = logging.getLogger(__name__)
+
+
+def default_bundles_dir() -> Path:
+    import medpeft_monai
+
+    repo = Path(medpeft_monai.__file__).resolve().parents[1] / "bundles"
+    return repo if repo.is_dir() else Path.cwd() / "bundles"
+
+
+def segmentation_bundles(bundles_dir: str | os.PathLike, names: str = "all") -> dict[str, Path]:
+    """Bundles (name -> folder) that declare a segmentation output; ``names`` filters by name."""
+    root = Path(bundles_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"Bundles folder not found: {root}. Pass --conf bundles <folder with bundles>.")
+    wanted = None if names.strip().lower() == "all" else {n.strip() for n in names.split(",") if n.strip()}
+    found = {}
+    for folder in sorted(p for p in root.iterdir() if (p / "configs" / "metadata.json").is_file()):
+        if wanted is not None and folder.name not in wanted:
+            continue
+        meta = json.loads((folder / "configs" / "metadata.json").read_text())
+        outputs = meta.get("network_data_format", {}).get("outputs", {})
+        first = next(iter(outputs.values()), {})
+        if first.get("format") != "segmentation":
+            logger.info(f"--- {folder.name}: not a segmentation bundle, not served")
+            continue
+        if not (folder / "configs" / "inference.json").is_file():
+            logger.warning(f"--- {folder.name}: no configs/inference.json, not served")
+            continue
+        found[folder.name] = folder
+    if wanted is not None and wanted - set(found):
+        raise ValueError(f"Requested bundles {sorted(wanted - set(found))} are not segmentation bundles in {root}; "
+                         f"available: {sorted(found)}.")
+    return found
+
+
+def _drop_channel(x):
+    return x[0] if x.ndim == 3 and x.shape[0] == 1 else x
+
+
+class SegmentationBundleInfer(BundleInferTask):
+    """``BundleInferTask`` that loads ``models/model.pt`` strictly and writes 2D labels with their affine.
+
+    Only ``model.pt`` is offered as model file (``adapter.pt`` beside it is not a full checkpoint).
+    """
+
+    def __init__(self, path: str, conf: dict[str, str]) -> None:
+        super().__init__(path, conf, type="segmentation", load_strict=True)
+        if self.is_valid():
+            self._config["model_filename"] = ["model.pt"]
+
+    def post_transforms(self, data=None):
+        post = list(super().post_transforms(data))
+        if self.dimension == 2:  # Restored keeps (1, H, W) for 2D; the label is (H, W)
+            post.append(Lambdad(keys=self.output_label_key, func=_drop_channel))
+        return post
+
+    def writer(self, data, extension=None, dtype=None):
+        ext = extension or data.get("result_extension") or file_ext(data.get("image_path") or "")
+        if self.dimension != 2:
+            return super().writer(data, extension, dtype)
+        if ext.lower() not in (".nii", ".nii.gz"):  # PNG/JPEG/...: 8- or 16-bit integer labels
+            return super().writer(data, extension, dtype or "uint8")
+        # 2D NIfTI: write (H, W) with the input's 4x4 affine; MONAI Label's writers either drop the affine
+        # of 2D arrays (ITK path) or fail on it (nibabel path)
+        pred = data[self.output_label_key]
+        pred = pred.array if isinstance(pred, MetaTensor) else np.asarray(pred)
+        meta = data.get(f"{self.output_label_key}_meta_dict") or {}
+        affine = meta.get("affine")
+        if affine is None:
+            affine = data[self.input_key].meta.get("original_affine")
+        affine = np.asarray(affine, dtype=np.float64)
+        with tempfile.NamedTemporaryFile(suffix=ext, delete=False) as f:  # MONAI Label deletes it after sending
+            out = f.name
+        nib.save(nib.Nifti1Image(pred.astype(dtype or np.uint8), affine), out)
+        return out, data.get(self.output_json_key, {})
+
+
+class MyApp(MONAILabelApp):
+    """Serves the project's segmentation bundles through MONAI Label's ``BundleInferTask``."""
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        self.bundles_dir = Path(conf.get("bundles") or default_bundles_dir())
+        self.bundles = segmentation_bundles(self.bundles_dir, conf.get("models", "all"))
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="medpeft_monai segmentation bundles",
+            description="Frozen foundation-model backbones with PEFT adapters, served from MONAI bundles",
+            version=monailabel.__version__,
+        )
+
+    def init_infers(self) -> dict[str, InferTask]:
+        infers: dict[str, InferTask] = {}
+        for name, folder in self.bundles.items():
+            if not (folder / "models" / "model.pt").is_file():
+                logger.warning(f"--- {name}: no models/model.pt; train it first: python -m monai.bundle run "
+                               f"--config_file {folder}/configs/train.json --bundle_root {folder}")
+                continue
+            task = SegmentationBundleInfer(str(folder), self.conf)
+            if not task.is_valid():
+                logger.warning(f"--- {name}: MONAI Label could not load the bundle, not served")
+                continue
+            logger.info(f"+++ Adding inferer {name} => {folder}")
+            infers[name] = task
+        if not infers:
+            logger.warning(f"No trained segmentation bundle found under {self.bundles_dir}.")
+        return infers
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        return {"random": Random(), "first": First()}

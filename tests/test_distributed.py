@@ -1,0 +1,124 @@
+"""Multi-process training: every bundle ships configs/multi_gpu_train.json in MONAI's pattern (DDP,
+DistributedSampler, rank-0-only output handlers), and a tiny bundle trains under
+`torchrun --nproc_per_node 2` with the gloo backend on the CPU with identical weights on both ranks."""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from medpeft_monai.distributed import backend, handlers_for_rank, is_rank_zero_only
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLES = sorted(p for p in (ROOT / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
+TINY_BUNDLE = "lora_segmentation"
+
+
+NOT_SUPPORTED = "torchrun training is not supported"
+
+
+def _multi_gpu_parser(bundle):
+    mg = bundle / "configs" / "multi_gpu_train.json"
+    readme = (bundle / "docs" / "README.md").read_text()
+    section = re.search(r"^## Multi-GPU training \(torchrun\)(.*?)(?=^## |\Z)", readme, flags=re.DOTALL | re.MULTILINE)
+    assert section, f"{bundle.name}/docs/README.md needs a '## Multi-GPU training (torchrun)' section"
+    if not mg.is_file() and NOT_SUPPORTED in section.group(1):
+        pytest.skip(f"{bundle.name}: {section.group(1).strip().splitlines()[0]}")
+    assert mg.is_file(), (
+        f"{bundle.name} has no configs/multi_gpu_train.json: every bundle needs one for torchrun training "
+        "(copy bundles/lora_segmentation/configs/multi_gpu_train.json; see docs/bundle_conventions.md)")
+    parser = ConfigParser()
+    parser.read_config([str(bundle / "configs" / "train.json"), str(mg)])
+    return parser
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
+def test_multi_gpu_config_follows_monai_pattern(bundle):
+    parser = _multi_gpu_parser(bundle)
+    assert parser.get("network#_target_") in ("torch.nn.parallel.DistributedDataParallel", "DistributedDataParallel")
+    assert "@network_def" in str(parser.get("network#module"))
+    for stage in ("train", "validate"):
+        sampler = parser.get(f"{stage}#sampler")
+        assert sampler is not None and sampler["_target_"].endswith("DistributedSampler"), stage
+        assert sampler["dataset"] == f"@{stage}#dataset"
+        assert parser.get(f"{stage}#dataloader#sampler") == f"@{stage}#sampler", stage
+    assert parser.get("train#dataloader#shuffle") is False  # the sampler shuffles
+    assert "handlers_for_rank(@train#handlers)" in parser.get("train#trainer#train_handlers")
+    assert "handlers_for_rank(@validate#handlers)" in parser.get("validate#evaluator#val_handlers")
+    init = " ".join(parser.get("initialize"))
+    assert "init_process_group" in init and "backend()" in init
+    assert "destroy_process_group" in " ".join(parser.get("finalize"))
+    assert parser.get("run") == ["$@train#trainer.run()"]
+    # merged imports keep train.json's and add dist
+    imports = parser.get("imports")
+    assert "$import torch.distributed as dist" in imports and "$import medpeft_monai" in imports
+
+
+def test_handlers_for_rank_keeps_collective_and_state_handlers():
+    from monai.handlers import CheckpointSaver, MetricsSaver, StatsHandler, ValidationHandler
+
+    from medpeft_monai.handlers import AdapterSaver
+    from medpeft_monai.tracking import MLflowBundleLogger
+
+    net = torch.nn.Linear(2, 2)
+    keep = [ValidationHandler(validator=None, interval=1), MetricsSaver(save_dir=".")]
+    drop = [StatsHandler(), CheckpointSaver(save_dir=".", save_dict={"m": net}), AdapterSaver(net, "."),
+            MLflowBundleLogger()]
+    handlers = drop[:2] + keep + drop[2:]
+    assert handlers_for_rank(handlers, rank=0) == handlers
+    assert handlers_for_rank(handlers, rank=1) == keep
+    assert all(is_rank_zero_only(h) for h in drop) and not any(is_rank_zero_only(h) for h in keep)
+    assert handlers_for_rank(None, rank=1) == []
+    assert backend() == ("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_gloo_cpu(tmp_path):
+    bundle = tmp_path / TINY_BUNDLE
+    shutil.copytree(ROOT / "bundles" / TINY_BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "eval"))
+    # an extra config layered on top (MONAI merges config files in order): every rank saves its weights
+    save_ranks = tmp_path / "save_every_rank.json"
+    save_ranks.write_text(json.dumps({"finalize": [
+        "$torch.save(@network.module.state_dict(), @ckpt_dir + '/rank' + str(dist.get_rank()) + '.pt')",
+        "$dist.is_initialized() and dist.destroy_process_group()"]}))
+    configs = [str(bundle / "configs" / "train.json"), str(bundle / "configs" / "multi_gpu_train.json"),
+               str(save_ranks)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "monai.bundle", "run", "--config_file", json.dumps(configs), "--bundle_root", str(bundle),
+           "--epochs", "2", "--backbone_kwargs", "{'depth': 2}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # gloo on the CPU even on a GPU machine
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900, env=env)
+    out = res.stdout[-4000:] + res.stderr[-4000:]
+    assert res.returncode == 0, out
+
+    models = bundle / "models"
+    rank0 = torch.load(models / "rank0.pt", map_location="cpu", weights_only=True)
+    rank1 = torch.load(models / "rank1.pt", map_location="cpu", weights_only=True)
+    assert rank0.keys() == rank1.keys()
+    differing = [k for k in rank0 if not torch.equal(rank0[k], rank1[k])]
+    assert not differing, f"ranks disagree on {differing[:5]}"
+    # rank 0 wrote the usual artefacts (once): full model and adapter
+    assert (models / "model.pt").is_file() and (models / "adapter.pt").is_file()
+    # and training did change the trainable weights
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "train.json"))
+    parser["backbone_kwargs"] = {"depth": 2}
+    fresh = parser.get_parsed_content("network_def", lazy=False)
+    trainable = [n for n, p in fresh.named_parameters() if p.requires_grad]
+    assert any(not torch.equal(fresh.state_dict()[n], rank0[n]) for n in trainable)
+    frozen = [n for n, p in fresh.named_parameters() if not p.requires_grad]
+    assert all(torch.equal(fresh.state_dict()[n], rank0[n]) for n in frozen)

@@ -1,0 +1,170 @@
+"""MLflow tracking: every bundle wires its params and adapter artefact into MONAI's `--tracking mlflow`,
+and a real `mlflow server` (127.0.0.1, sqlite backend, temp dir) receives a tiny bundle's run."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLES = sorted(p for p in (ROOT / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
+TINY_BUNDLE = "lora_segmentation"
+REQUIRED_PARAMS = ("method", "backbone", "data_fraction")
+LOGGER_TARGET = "medpeft_monai.tracking.MLflowBundleLogger"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM the server's process group (it forks workers), then SIGKILL what is left."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=grace)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # workers that outlive the leader
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    log = open(tmp_path / "mlflow_server.log", "w")  # noqa: SIM115 (closed in the finally below)
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no background job workers
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "--artifacts-destination", str(tmp_path / "mlartifacts")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    server_log = tmp_path / "mlflow_server.log"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{server_log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server not healthy after 180 s:\n{server_log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        stop_process_group(proc)
+        log.close()
+
+
+def _train_config(bundle, tmp_path):
+    """train.json parsed the way `monai.bundle run --tracking mlflow` patches it (outputs under tmp_path)."""
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "train.json"))
+    parser["bundle_root"] = str(tmp_path)
+    ConfigWorkflow.patch_bundle_tracking(parser=parser, settings=DEFAULT_MLFLOW_SETTINGS)
+    return parser
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
+def test_tracking_params_and_adapter_artifact_are_wired(bundle, tmp_path):
+    parser = _train_config(bundle, tmp_path)
+    assert "tracking_params" in parser, (
+        f"{bundle.name}/configs/train.json needs a top-level 'tracking_params' dict (see docs/bundle_conventions.md)")
+    params = parser.get_parsed_content("tracking_params", lazy=False)
+    missing = [k for k in REQUIRED_PARAMS if k not in params]
+    assert not missing, f"{bundle.name}: tracking_params lacks {missing}"
+    lrs = [k for k in params if re.search(r"learning_rate|(^|_)lr($|_)", k)]
+    assert lrs, f"{bundle.name}: tracking_params needs the learning rate(s): learning_rate or *_lr keys"
+
+    handlers = parser.get("train#handlers")
+    loggers = [i for i, h in enumerate(handlers) if isinstance(h, dict) and h.get("_target_") == LOGGER_TARGET]
+    assert len(loggers) == 1, f"{bundle.name}: train#handlers needs one {LOGGER_TARGET}"
+    i = loggers[0]
+    assert parser.get(f"train#handlers#{i}#params") == "@tracking_params"
+    artifacts = parser.get_parsed_content(f"train#handlers#{i}#artifacts", lazy=False)
+    ckpt_dir = parser.get_parsed_content("ckpt_dir")
+    assert os.path.join(ckpt_dir, "adapter.pt") in [os.path.normpath(a) for a in artifacts]
+    # MONAI's tracking patch found the standard engine IDs and added its handlers to them
+    assert handlers[-1]["_target_"] == "MLFlowHandler"
+    assert parser.get("validate#handlers")[-1]["_target_"] == "MLFlowHandler"
+
+
+def test_mlflow_server_receives_params_metrics_config_and_adapter(mlflow_server, tmp_path):
+    from mlflow import MlflowClient
+
+    from medpeft_monai.peft import load_peft_state_dict
+
+    bundle = tmp_path / TINY_BUNDLE
+    shutil.copytree(ROOT / "bundles" / TINY_BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "eval"))
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "train.json"),
+           "--bundle_root", str(bundle), "--epochs", "2", "--data_fraction", "0.5",
+           "--backbone_kwargs", "{'depth': 2}", "--tracking", "mlflow", "--tracking_uri", mlflow_server,
+           "--experiment_name", "medpeft_test"]
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    exp = client.get_experiment_by_name("medpeft_test")
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+
+    params = run.data.params
+    assert params["method"] == "lora" and params["peft.rank"] == "8"
+    assert params["backbone"] == "vit_tiny_patch16_224" and params["backbone_kwargs.depth"] == "2"
+    assert params["data_fraction"] == "0.5"
+    assert float(params["learning_rate"]) == 1e-3 and float(params["initial_lr_group_0"]) == 1e-3
+    assert params["epoch_length"] == "1"  # 8 of 16 training images, batch 8
+    assert 0 < int(params["params_trainable"]) < int(params["params_total"])
+
+    for key in ("val_mean_dice", "train_mean_dice"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert sorted(m.step for m in history) == [1, 2], key  # one value per epoch
+    assert client.get_metric_history(run.info.run_id, "train_loss")
+
+    top = [a.path for a in client.list_artifacts(run.info.run_id)]
+    configs = [p for p in top if p.startswith("config_") and p.endswith(".json")]
+    assert configs, top
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "models")] == ["models/adapter.pt"]
+
+    dst = tmp_path / "download"
+    dst.mkdir()
+    executed = json.loads(Path(client.download_artifacts(run.info.run_id, configs[0], str(dst))).read_text())
+    assert executed["data_fraction"] == 0.5 and executed["backbone"] == "vit_tiny_patch16_224"
+    adapter = Path(client.download_artifacts(run.info.run_id, "models/adapter.pt", str(dst)))
+    assert adapter.read_bytes() == (bundle / "models" / "adapter.pt").read_bytes()
+
+    # the tracked adapter is usable on its own: it loads onto a fresh network built from the bundle
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser["backbone_kwargs"] = {"depth": 2}
+    net = parser.get_parsed_content("network_def", lazy=False)
+    load_peft_state_dict(net, adapter)
+    payload = torch.load(adapter, map_location="cpu", weights_only=True)
+    assert payload["backbone"] == "vit_tiny_patch16_224" and payload["method"]["method"] == "lora"

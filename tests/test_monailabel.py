@@ -1,0 +1,236 @@
+"""MONAI Label: every segmentation bundle loads in the app shipped in medpeft_monai/label_app, and a real
+`monailabel start_server` (127.0.0.1) returns, for an image posted to /infer/<model> with an HTTP client,
+a label in the image's geometry that matches the bundle's own inference and the sample label.
+
+Needs the `label` extra (`pip install -e ".[dev,label]"`); without it these tests skip and say so."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLES = sorted(p for p in (ROOT / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
+APP = ROOT / "medpeft_monai" / "label_app"
+TINY_BUNDLE = "lora_segmentation"
+SKIP_REASON = 'MONAI Label is not installed: install the label extra with pip install -e ".[dev,label]" (CI does)'
+
+
+def is_segmentation(bundle: Path) -> bool:
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    return next(iter(meta["network_data_format"]["outputs"].values())).get("format") == "segmentation"
+
+
+SEG_BUNDLES = [b for b in BUNDLES if is_segmentation(b)]
+
+
+def require_monailabel():
+    pytest.importorskip("monailabel", reason=SKIP_REASON)
+
+
+def test_segmentation_bundles_exist():
+    assert TINY_BUNDLE in [b.name for b in SEG_BUNDLES]
+
+
+@pytest.mark.parametrize("bundle", SEG_BUNDLES, ids=lambda p: p.name)
+def test_readme_documents_monai_label_slicer_and_ohif(bundle):
+    text = (bundle / "docs" / "README.md").read_text()
+    assert "## MONAI Label" in text, f"{bundle.name}/docs/README.md needs a '## MONAI Label' section"
+    section = text.split("## MONAI Label", 1)[1].split("\n## ", 1)[0]
+    for needle in ("monailabel start_server", "medpeft_monai/label_app", "3D Slicer", "OHIF"):
+        assert needle in section, f"{bundle.name}: MONAI Label section does not mention {needle!r}"
+
+
+def load_app_module():
+    """medpeft_monai/label_app/main.py, loaded from its file as `monailabel start_server` does."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("medpeft_label_app_main", APP / "main.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("bundle", SEG_BUNDLES, ids=lambda p: p.name)
+def test_bundle_loads_and_infers_in_monailabel_app(bundle, tmp_path):
+    """The app registers the bundle through MONAI Label's BundleInferTask (strict weight loading) and
+    returns a label on the input image's grid and affine (in-process, untrained weights)."""
+    require_monailabel()
+    from monai.bundle import ConfigParser
+
+    from medpeft_monai.data import load_datalist
+
+    label_app = load_app_module()
+    copy = tmp_path / "bundles" / bundle.name
+    shutil.copytree(bundle, copy, ignore=shutil.ignore_patterns("models", "eval"))
+    assert bundle.name in label_app.segmentation_bundles(tmp_path / "bundles")
+
+    parser = ConfigParser()
+    parser.read_config(str(copy / "configs" / "inference.json"))
+    net = parser.get_parsed_content("network_def", lazy=False)
+    (copy / "models").mkdir()
+    torch.save(net.state_dict(), copy / "models" / "model.pt")
+
+    task = label_app.SegmentationBundleInfer(str(copy), {})
+    assert task.is_valid()
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    channels = next(iter(meta["network_data_format"]["outputs"].values()))["channel_def"]
+    assert task.labels == {v.lower(): int(k) for k, v in channels.items() if v.lower() != "background"}
+    assert task.info()["config"]["model_filename"] == ["model.pt"]  # adapter.pt is not a full checkpoint
+
+    image = load_datalist(parser.get_parsed_content("datalist"), "test")[0]["image"]
+    result_file, _ = task({"image": image, "device": "cpu"})
+    try:
+        (pred_shape, pred_affine, pred), (src_shape, src_affine, _) = read_grid(result_file), read_grid(image)
+        assert pred_shape == src_shape
+        np.testing.assert_allclose(pred_affine, src_affine, atol=1e-4)
+        assert set(np.unique(pred).tolist()) <= {int(k) for k in channels}
+    finally:
+        os.remove(result_file)
+
+
+def read_grid(path):
+    """(spatial shape, affine, data) of an image file: nibabel for NIfTI, MONAI's loader for PNG/JPEG/..."""
+    path = str(path)
+    if path.endswith((".nii", ".nii.gz")):
+        img = nib.load(path)
+        return tuple(img.shape), img.affine, np.asarray(img.dataobj)
+    from monai.transforms import LoadImage
+
+    img = LoadImage(image_only=True, ensure_channel_first=True)(path)
+    return tuple(img.shape[1:]), np.asarray(img.affine), np.asarray(img[0])
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd, **kw):
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900, **kw)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+def _dice(pred: np.ndarray, ref: np.ndarray, classes) -> float:
+    scores = [2 * np.sum((pred == c) & (ref == c)) / max(np.sum(pred == c) + np.sum(ref == c), 1) for c in classes]
+    return float(np.mean(scores))
+
+
+@pytest.fixture
+def trained_tiny_bundle(tmp_path):
+    """A copy of the tiny bundle with a 2-block ViT preset in train.json and inference.json, trained briefly."""
+    require_monailabel()
+    bundles = tmp_path / "bundles"
+    bundle = bundles / TINY_BUNDLE
+    shutil.copytree(ROOT / "bundles" / TINY_BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "eval"))
+    for name in ("train.json", "inference.json"):
+        cfg = json.loads((bundle / "configs" / name).read_text())
+        cfg["backbone_kwargs"] = {"depth": 2}
+        (bundle / "configs" / name).write_text(json.dumps(cfg, indent=4))
+    _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "train.json"),
+          "--bundle_root", str(bundle), "--epochs", "8", "--learning_rate", "0.005", "--batch_size", "2"])
+    # the bundle's own predictions for its test images, to compare with what MONAI Label returns
+    _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
+          "--bundle_root", str(bundle)])
+    return bundles
+
+
+@pytest.fixture
+def label_server(trained_tiny_bundle, tmp_path):
+    require_monailabel()
+    app = tmp_path / "app"  # start_server creates model/ lib/ logs/ bin/ in the app folder: use a copy
+    app.mkdir()
+    shutil.copy(APP / "main.py", app / "main.py")
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    port = _free_port()
+    env = dict(os.environ, MONAI_LABEL_SESSION_PATH=str(tmp_path / "sessions"),
+               MONAI_LABEL_DATASTORE_AUTO_RELOAD="false")
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
+           "--conf", "bundles", str(trained_tiny_bundle), "--conf", "models", TINY_BUNDLE,
+           "--host", "127.0.0.1", "--port", str(port)]
+    log_path = tmp_path / "monailabel.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    import requests
+
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"monailabel exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                info = requests.get(url + "/info/", timeout=5)
+                if info.status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"monailabel not up after 300 s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(1)
+        yield url, info.json()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+def test_monailabel_server_infers_with_image_geometry(label_server, trained_tiny_bundle, tmp_path):
+    import requests
+    from scipy.ndimage import zoom
+
+    from medpeft_monai.data import sample_dataset
+
+    url, info = label_server
+    ohif = requests.get(f"{url}/ohif/", timeout=30)  # the OHIF viewer MONAI Label hosts
+    assert ohif.status_code == 200 and "<html" in ohif.text.lower()
+    model = info["models"][TINY_BUNDLE]
+    assert model["type"] == "segmentation" and model["dimension"] == 2
+    assert model["labels"] == {"grey matter": 1, "white matter": 2}
+
+    data = Path(sample_dataset("brain_mri_2d"))
+    item = json.loads((data / "datalist.json").read_text())["test"][0]
+    image_path, label_path = data / item["image"], data / item["label"]
+    # a second copy at twice the resolution (half the spacing): not the network's input size
+    image, label = nib.load(str(image_path)), nib.load(str(label_path))
+    big_affine = image.affine.copy()
+    big_affine[:2, :2] /= 2
+    big_image = tmp_path / "big.nii.gz"
+    nib.save(nib.Nifti1Image(zoom(np.asarray(image.dataobj), 2, order=1).astype(np.float32), big_affine), big_image)
+    big_label = zoom(np.asarray(label.dataobj), 2, order=0)
+
+    own_name = Path(item["image"]).name.split(".")[0] + "_seg.nii.gz"
+    own = nib.load(str(trained_tiny_bundle / TINY_BUNDLE / "eval" / own_name))
+    for path, ref_label, ref_pred in ((image_path, np.asarray(label.dataobj), np.asarray(own.dataobj)),
+                                      (big_image, big_label, None)):
+        with open(path, "rb") as f:
+            res = requests.post(f"{url}/infer/{TINY_BUNDLE}", params={"output": "image"},
+                                files={"file": (path.name, f, "application/octet-stream")}, timeout=300)
+        assert res.status_code == 200, res.text[:2000]
+        out = tmp_path / f"pred_{path.name}"
+        out.write_bytes(res.content)
+        pred_img, src = nib.load(str(out)), nib.load(str(path))
+        assert pred_img.shape == src.shape  # the image's grid ...
+        np.testing.assert_allclose(pred_img.affine, src.affine, atol=1e-4)  # ... and its position in space
+        pred = np.asarray(pred_img.dataobj)
+        assert set(np.unique(pred)) <= {0, 1, 2}
+        dice = _dice(pred, ref_label, (1, 2))
+        assert dice > 0.3, f"mean grey/white matter Dice {dice:.3f} against the sample label"
+        if ref_pred is not None:  # same model, same pre/post-processing as `monai.bundle run inference.json`
+            assert _dice(pred, ref_pred.reshape(pred.shape), (0, 1, 2)) > 0.99
