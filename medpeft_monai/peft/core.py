@@ -274,6 +274,9 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".pt")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
