@@ -32,11 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
 import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +45,9 @@ from medpeft_monai.nets.dcrm import DCRMClassifier
 from medpeft_monai.peft import count_parameters
 from medpeft_monai.peft.dcrm import TALer, find_controller, psn_flops, router_flops
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import cpu_name, interleaved  # noqa: E402
+
 PRESETS = {
     "cpu": {"backbone": "vit_tiny_patch16_224", "model_kwargs": {"depth": 12}, "image_size": 96, "batch": 8,
             "warmup": 3, "iters": 15},
@@ -56,38 +56,6 @@ PRESETS = {
 }
 VARIANTS = ("linear_probe", "lora", "dcrm", "dcrm_no_dab")
 NUM_CLASSES = 10
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _interleaved(fns: dict, device: torch.device, warmup: int, iters: int) -> dict[str, float]:
-    """Median wall time (ms) of each ``fn()``, measured round-robin."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    _sync(device)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(iters):
-        for k, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[k].append((time.perf_counter() - start) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip() + " (CPU)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build(variant: str, cfg: dict, num_domains: int):
@@ -143,8 +111,8 @@ def forward_flops(model: torch.nn.Module, cfg: dict, device: torch.device) -> in
 
 def bench(variants: list[str], cfg: dict, device: torch.device, num_domains: int, train: bool) -> tuple[list, dict]:
     prepared = {v: prepare(v, cfg, device, num_domains) for v in variants}
-    infer = _interleaved({v: p[2] for v, p in prepared.items()}, device, cfg["warmup"], cfg["iters"])
-    steps = (_interleaved({v: p[1] for v, p in prepared.items()}, device, cfg["warmup"], cfg["iters"])
+    infer = interleaved({v: p[2] for v, p in prepared.items()}, device, cfg["warmup"], cfg["iters"])
+    steps = (interleaved({v: p[1] for v, p in prepared.items()}, device, cfg["warmup"], cfg["iters"])
              if train else {})
     probe = prepared["linear_probe"][0]
     backbone_params = sum(p.numel() for p in probe.backbone.parameters())
@@ -245,7 +213,7 @@ def main(argv=None) -> dict:
             raise SystemExit("--device cuda but no CUDA device is available.")
         device_name = torch.cuda.get_device_name(device)
     else:
-        device_name = _cpu_name()
+        device_name = cpu_name()
 
     rows, psn = bench(variants, cfg, device, args.num_domains, train=not args.no_train)
     meta = {**cfg, "preset": args.preset, "device": device.type, "device_name": device_name,

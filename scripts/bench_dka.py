@@ -24,11 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
 import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +34,9 @@ import medpeft_monai.peft.dka  # noqa: F401  (registers "dka")
 from medpeft_monai.nets.classifier import PeftClassifier
 from medpeft_monai.peft import count_parameters, merge_peft, param_groups
 from medpeft_monai.peft.dka import cropped_kernel_size
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import cpu_name, interleaved, sync  # noqa: E402
 
 PRESETS = {
     "cpu": {"backbone": "vit_tiny_patch16_224", "model_kwargs": {"depth": 12}, "image_size": 96, "batch": 8,
@@ -47,50 +47,14 @@ PRESETS = {
 VARIANTS = ("linear_probe", "dka", "dka_merged")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device: torch.device) -> float:
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return (time.perf_counter() - start) * 1e3
-
-
-def _interleaved(fns: dict, device: torch.device, warmup: int, iters: int) -> dict[str, float]:
-    """Median wall time (ms) of each ``fn()``, measured round-robin so load changes hit all variants alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    _sync(device)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(iters):
-        for k, fn in fns.items():
-            times[k].append(_timed(fn, device))
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def _peak_mib(fn, device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    _sync(device)
+    sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     fn()
-    _sync(device)
+    sync(device)
     return torch.cuda.max_memory_allocated(device) / 2**20
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip() + " (CPU)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build(variant: str, cfg: dict, device: torch.device, num_classes: int) -> PeftClassifier:
@@ -132,8 +96,8 @@ def prepare(variant: str, cfg: dict, device: torch.device, num_classes: int = 10
 
 def bench(variants: list[str], cfg: dict, device: torch.device) -> list[dict]:
     prepared = {v: prepare(v, cfg, device) for v in variants}
-    train = _interleaved({v: p[1] for v, p in prepared.items()}, device, cfg["warmup"], cfg["iters"])
-    infer = _interleaved({v: p[2] for v, p in prepared.items()}, device, cfg["warmup"], cfg["iters"])
+    train = interleaved({v: p[1] for v, p in prepared.items()}, device, cfg["warmup"], cfg["iters"])
+    infer = interleaved({v: p[2] for v, p in prepared.items()}, device, cfg["warmup"], cfg["iters"])
     rows = []
     for v, (model, train_step, infer_fn) in prepared.items():
         trainable, total = count_parameters(model)
@@ -205,7 +169,7 @@ def main(argv=None) -> dict:
         torch.backends.cudnn.benchmark = True
         device_name = torch.cuda.get_device_name(device)
     else:
-        device_name = _cpu_name()
+        device_name = cpu_name()
 
     rows = bench(args.variants, cfg, device)
     probe = PeftClassifier(cfg["backbone"], 2, image_size=cfg["image_size"], model_kwargs=cfg["model_kwargs"])
