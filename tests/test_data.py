@@ -125,6 +125,30 @@ def test_failed_build_leaves_nothing(monkeypatch, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []  # no dataset folder, no temporary folder
 
 
+def test_cache_from_an_older_builder_is_rebuilt(tmp_path, capsys):
+    folder = Path(sample_dataset("ultrasound_lesion", root=tmp_path, image_size=32))
+    datalist = json.loads((folder / "datalist.json").read_text())
+    datalist["build"]["version"] = sd._VERSION - 1
+    (folder / "datalist.json").write_text(json.dumps(datalist))
+    (folder / "leftover.txt").write_text("from the old build")
+    capsys.readouterr()
+    assert sample_dataset("ultrasound_lesion", root=tmp_path, image_size=32) == str(folder)
+    assert "replacing" in capsys.readouterr().out
+    assert _sections(folder)["build"]["version"] == sd._VERSION
+    assert not (folder / "leftover.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # no temporary or stale folder left
+
+
+def test_dicom_colour_sources_are_rgb():
+    """YBR (JPEG) ultrasound is converted to RGB on every pydicom version: a grey-scale echo then has
+    R = G = B up to JPEG rounding, whereas unconverted YBR data would be a strongly tinted image."""
+    echo = sd._load_dicom("color3d_jpeg_baseline.dcm")
+    assert echo.shape == (480, 640, 3) and 0.0 <= echo.min() and echo.max() <= 1.0
+    assert np.abs(echo[..., 0] - echo[..., 1]).mean() < 0.01 and np.abs(echo[..., 1] - echo[..., 2]).mean() < 0.01
+    doppler = sd._load_dicom("US1_UNCR.dcm")  # native RGB colour Doppler keeps its colour
+    assert np.abs(doppler[..., 0] - doppler[..., 2]).max() > 0.5
+
+
 def test_kwargs_select_a_variant_folder(tmp_path):
     folder = Path(sample_dataset("ultrasound_lesion", root=tmp_path, image_size=32))
     assert folder.name == "ultrasound_lesion__image_size-32"

@@ -23,8 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = sorted(p for p in (ROOT / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
 APP = ROOT / "medpeft_monai" / "label_app"
 TINY_BUNDLE = "lora_segmentation"
-SKIP_REASON = ('MONAI Label is not installed: install the label extra with pip install -e ".[dev,label]"; '
-               "CI does not install it yet, see docs/workflows.md")
+SKIP_REASON = 'MONAI Label is not installed: install the label extra, pip install -e ".[dev,label]" (the README does)'
 
 
 def is_segmentation(bundle: Path) -> bool:

@@ -36,7 +36,7 @@ __all__ = [
     "simulate_ultrasound",
 ]
 
-_VERSION = 1
+_VERSION = 2  # bump when a builder's output changes: older caches are rebuilt
 
 # ----------------------------------------------------------------------------------------------
 # small I/O helpers
@@ -332,7 +332,7 @@ _MVN_SOURCES = [
     ("validation", "ct", "pydicom:eCT_Supplemental.dcm", _ALL),
     ("validation", "mri", "pydicom:emri_small.dcm", _ALL),
     ("validation", "radiograph", "pydicom:RG3_UNCR.dcm", (0.0, 0.5, 0.3, 0.7)),
-    ("validation", "ultrasound", "pydicom:examples_ybr_color.dcm", (0.1, 0.95, 0.15, 0.85)),
+    ("validation", "ultrasound", "pydicom:color3d_jpeg_baseline.dcm", (0.1, 0.85, 0.1, 0.9)),
     ("validation", "fundus", "skimage:retina", _MID),
     ("validation", "histology", "skimage:immunohistochemistry", _MID),
     ("validation", "nuclear_medicine", "pydicom:JPEG2000_UNC.dcm", _MID),
@@ -386,12 +386,33 @@ def _first(v) -> float:
     return float(v[0])
 
 
+def _dicom_first_frame(ds) -> np.ndarray:
+    """First frame of the pixel data, colour data as RGB, on pydicom 3 and on pydicom 2 (the version MONAI
+    Label's ``label`` extra pins)."""
+    try:  # pydicom >= 3: decodes one frame and converts YBR to RGB itself
+        from pydicom.pixels import pixel_array
+    except ImportError:  # pydicom 2: decodes every frame and leaves JPEG YBR data as YBR
+        from pydicom.pixel_data_handlers.util import convert_color_space
+
+        arr = ds.pixel_array
+        if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+            arr = arr[0]
+        if arr.ndim == 3 and str(ds.PhotometricInterpretation).startswith("YBR"):
+            arr = convert_color_space(arr, "YBR_FULL", "RGB")
+        return arr
+    return pixel_array(ds, index=0 if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 else None)
+
+
 def _load_dicom(name: str) -> np.ndarray:
     """A pydicom test file as float RGB in [0, 1]: first frame; rescale and the file's own display
     window (else a 0.5-99.5 percentile window); MONOCHROME1 inverted; palette colour applied."""
     import pydicom
     from pydicom.data import get_testdata_file
-    from pydicom.pixels import apply_color_lut
+
+    try:
+        from pydicom.pixels import apply_color_lut
+    except ImportError:  # pydicom 2
+        from pydicom.pixel_data_handlers.util import apply_color_lut
 
     path = get_testdata_file(name, download=False)
     if path is None:
@@ -400,14 +421,12 @@ def _load_dicom(name: str) -> np.ndarray:
             "(it ships the larger pydicom test files; nothing is downloaded at run time)."
         )
     ds = pydicom.dcmread(path)
-    arr = ds.pixel_array
-    if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-        arr = arr[0]
+    arr = _dicom_first_frame(ds)
     pi = str(ds.PhotometricInterpretation)
     if pi == "PALETTE COLOR":
         rgb = apply_color_lut(arr, ds).astype(np.float32)
         return rgb / float(rgb.max() or 1)
-    if arr.ndim == 3:  # RGB (pydicom converts YBR to RGB)
+    if arr.ndim == 3:  # RGB (YBR already converted)
         return arr.astype(np.float32) / 255.0
     slope = _dicom_value(ds, "RescaleSlope", "PixelValueTransformationSequence")
     intercept = _dicom_value(ds, "RescaleIntercept", "PixelValueTransformationSequence")
@@ -534,8 +553,9 @@ Binary classification of real images: medical (label 0) versus natural photograp
     `pydicom.data.get_testdata_file(name, download=False)`. Many are downsized from the NEMA WG04
     DICOM sample sets (CT_small, MR_small, RG1/RG3 radiographs, US1, MR2); pydicom's README states
     that its author believes there is no restriction on their use. Pixel values: first frame of
-    multi-frame files; rescale slope/intercept and the file's own display window (a 0.5-99.5
-    percentile window where the file has none); MONOCHROME1 inverted; palette colour applied.
+    multi-frame files; YBR colour converted to RGB; rescale slope/intercept and the file's own
+    display window (a 0.5-99.5 percentile window where the file has none); MONOCHROME1 inverted;
+    palette colour applied.
   - `skimage:*`: scikit-image data (`skimage.data.<name>()`); retina (fundus, CC0, Wikimedia),
     microaneurysms (fundus crop from the HRF database, CC0), immunohistochemistry (no known
     copyright restrictions), astronaut/rocket/hubble_deep_field (NASA/SpaceX, public domain),
@@ -1057,9 +1077,13 @@ def sample_dataset(name: str, root: str | os.PathLike | None = None, **kwargs) -
         )
     root_path = Path(root).expanduser() if root is not None else sample_data_root()
     target = root_path / _folder_name(name, kwargs)
+    stale = None
     if (target / "datalist.json").is_file():
-        return str(target)
-    if target.exists():
+        built = json.loads((target / "datalist.json").read_text()).get("build", {}).get("version")
+        if built == _VERSION:
+            return str(target)
+        stale = target  # made by another medpeft_monai version: rebuilt below, then swapped in
+    elif target.exists():
         raise RuntimeError(
             f"{target} exists but has no datalist.json (not made by sample_dataset, or edited). "
             "Fix: delete that folder to rebuild it, or pass another root / set MEDPEFT_DATA_DIR."
@@ -1075,6 +1099,11 @@ def sample_dataset(name: str, root: str | os.PathLike | None = None, **kwargs) -
         sections = {**sections, "name": name, "build": {"version": _VERSION, "params": kwargs}}
         _write_card(tmp, card)
         write_datalist(tmp / "datalist.json", sections)
+        if stale is not None:
+            print(f"[medpeft_monai] replacing {target} (built by sample data version {built}, now {_VERSION})")
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=root_path))
+            os.replace(target, old / target.name)
+            shutil.rmtree(old, ignore_errors=True)
         try:
             os.replace(tmp, target)
         except OSError:
