@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from torch import nn
 
 from medpeft_monai.backbones import FrozenBackbone
 from medpeft_monai.peft.core import PeftError, find_backbone, load_peft_state_dict
+from medpeft_monai.utils import atomic_path, write_text_atomic
 
 __all__ = [
     "effective_receptive_field",
@@ -176,17 +176,8 @@ def save_erf_png(erf: torch.Tensor, path: str | os.PathLike, title: str | None =
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path
 
 
@@ -327,12 +318,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"{k:>12}: {v:.4f}")
     print(f"wrote {args.out}")
     if args.json:
-        folder = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, args.json)
+        write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -1,17 +1,34 @@
-"""Ignite handlers for bundles: save the adapter artefact beside the full checkpoint."""
+"""Ignite handlers for bundles: the adapter artefact beside the full checkpoint, and per-image predictions."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 import torch
 from ignite.engine import Engine, Events
+from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
+from medpeft_monai.backbones import as_plain_tensor
 from medpeft_monai.peft import peft_state_dict, save_atomic
+from medpeft_monai.utils import write_csv_atomic
 
-__all__ = ["AdapterSaver", "scores_and_labels"]
+__all__ = ["AdapterSaver", "PredictionWriter", "output_items", "scores_and_labels"]
+
+logger = logging.getLogger(__name__)
+
+
+def output_items(output) -> list[dict]:
+    """An engine's output as one dict per image, whether or not the engine decollated the batch."""
+    if isinstance(output, list):
+        return output
+    if isinstance(output, dict):  # not decollated
+        n = len(output[Keys.PRED])
+        return [{k: (v[i] if isinstance(v, (torch.Tensor, list)) and len(v) == n else v) for k, v in output.items()}
+                for i in range(n)]
+    raise TypeError(f"Unexpected engine output type {type(output).__name__}.")
 
 
 def scores_and_labels(output: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,3 +68,78 @@ class AdapterSaver:
         net = self.network.module if hasattr(self.network, "module") else self.network  # DDP
         save_atomic(peft_state_dict(net), self.path)
         self.logger.info(f"saved adapter artefact to {self.path}")
+
+
+class PredictionWriter:
+    """Write one CSV row per image: predicted class and class probabilities, and, for DCRM-ViT, the
+    router's domain probabilities ``D(x)``.
+
+    Attach to an inference evaluator; ``pred`` should hold class probabilities (e.g. after
+    ``Activationsd(softmax=True)``). Domain columns are written when the output items carry
+    ``domain_prob`` (add :class:`medpeft_monai.engines.DomainOutputs`). For dense predictions
+    (segmentation) the class columns are omitted. The file is written atomically when the run completes.
+
+    Args:
+        save_dir: output folder.
+        filename: CSV name.
+        class_names: names of the classes (default: indices).
+        domain_names: names of the router's domains (default: indices).
+        image_key: output key whose ``meta["filename_or_obj"]`` names the image.
+    """
+
+    def __init__(self, save_dir: str, filename: str = "predictions.csv", class_names: Sequence[str] | None = None,
+                 domain_names: Sequence[str] | None = None, image_key: str = Keys.IMAGE) -> None:
+        self.path = os.path.join(save_dir, filename)
+        self.class_names = list(class_names) if class_names is not None else None
+        self.domain_names = list(domain_names) if domain_names is not None else None
+        self.image_key = image_key
+        self.rows: list[dict] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda e: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def collect(self, engine: Engine) -> None:
+        for item in output_items(engine.state.output):
+            image = item.get(self.image_key)
+            meta = getattr(image, "meta", {}) or {}
+            name = meta.get("filename_or_obj", "")
+            row: dict = {"image": os.fspath(name) if name else f"item_{len(self.rows)}"}
+            pred = torch.as_tensor(as_plain_tensor(item[Keys.PRED])).detach().float().cpu()
+            if pred.ndim == 1:
+                row["class"] = int(pred.argmax())
+                row["class_probs"] = pred.tolist()
+            dp = item.get("domain_prob")
+            if dp is not None:
+                dp = torch.as_tensor(dp).detach().float().cpu().view(-1)
+                row["domain"] = int(dp.argmax())
+                row["domain_probs"] = dp.tolist()
+            self.rows.append(row)
+
+    def write(self, engine: Engine | None = None) -> None:
+        n_cls = max((len(r.get("class_probs", [])) for r in self.rows), default=0)
+        n_dom = max((len(r.get("domain_probs", [])) for r in self.rows), default=0)
+        cls_names = self.class_names or [str(i) for i in range(n_cls)]
+        dom_names = self.domain_names or [str(i) for i in range(n_dom)]
+        for what, names, n in (("class", cls_names, n_cls), ("domain", dom_names, n_dom)):
+            if len(names) < n:
+                raise ValueError(f"{len(names)} {what} names {names} for {n} predicted {what} probabilities. "
+                                 f"Fix: pass --{what}_names with one name per {what} (or null for indices).")
+        header = ["image"]
+        if n_cls:
+            header += ["pred_class", "pred_name"] + [f"p_{cls_names[i]}" for i in range(n_cls)]
+        if n_dom:
+            header += ["pred_domain", "pred_domain_name"] + [f"p_domain_{dom_names[i]}" for i in range(n_dom)]
+        rows = []
+        for r in self.rows:
+            row = [r["image"]]
+            if n_cls:
+                c = r.get("class")
+                row += [c, cls_names[c] if c is not None else ""] + [f"{p:.6f}" for p in r.get("class_probs", [])]
+            if n_dom:
+                d = r.get("domain")
+                row += [d, dom_names[d] if d is not None else ""] + [f"{p:.6f}" for p in r.get("domain_probs", [])]
+            rows.append(row)
+        write_csv_atomic(self.path, header, rows)
+        logger.info(f"wrote {len(rows)} predictions to {self.path}")

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from medpeft_monai.utils import write_text_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_SCALE = {"backbone": "vit_base_patch16_224", "image_size": [224, 224], "backbone_kwargs": {}}
 
@@ -156,7 +158,7 @@ Same bundles with `{paper_args}` (the table alone: `python scripts/adapter_sizes
 Per task only the adapter needs to be stored and shared; the frozen backbone is rebuilt from its name
 and weights, and `load_peft_state_dict` refuses an adapter made for another backbone or config.
 """
-    args.out.write_text(text)
+    write_text_atomic(args.out, text)
     print(text)
 
 

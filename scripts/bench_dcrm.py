@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +43,7 @@ from medpeft_monai.nets import PeftClassifier
 from medpeft_monai.nets.dcrm import DCRMClassifier
 from medpeft_monai.peft import count_parameters
 from medpeft_monai.peft.dcrm import TALer, find_controller, psn_flops, router_flops
+from medpeft_monai.utils import write_text_atomic
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import cpu_name, interleaved  # noqa: E402
@@ -224,12 +224,7 @@ def main(argv=None) -> dict:
     print(table)
     result = {"meta": meta, "results": rows, "psn": psn, "markdown": table}
     if args.out:
-        folder = os.path.dirname(os.path.abspath(args.out))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, args.out)
+        write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +33,7 @@ import medpeft_monai.peft.dka  # noqa: F401  (registers "dka")
 from medpeft_monai.nets.classifier import PeftClassifier
 from medpeft_monai.peft import count_parameters, merge_peft, param_groups
 from medpeft_monai.peft.dka import cropped_kernel_size
+from medpeft_monai.utils import write_text_atomic
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import cpu_name, interleaved, sync  # noqa: E402
@@ -183,12 +183,7 @@ def main(argv=None) -> dict:
     print(table)
     result = {"meta": meta, "results": rows, "markdown": table}
     if args.out:
-        folder = os.path.dirname(os.path.abspath(args.out))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, args.out)
+        write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -35,7 +35,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
@@ -49,6 +48,7 @@ from medpeft_monai.data.transforms import classification_transforms
 from medpeft_monai.engines import BilevelTrainer, DomainEpisodeSampler, datalist_domains
 from medpeft_monai.nets.dcrm import DCRMClassifier
 from medpeft_monai.peft import count_parameters
+from medpeft_monai.utils import write_text_atomic
 
 ROWS = [
     ("Full", {}, "bilevel"),
@@ -155,15 +155,6 @@ def summarise(results: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -195,8 +186,8 @@ def main(argv=None) -> str:
     keys = ["row", "seed", "accuracy", "domain_mean_accuracy", "nll", "router_accuracy", "trainable_params",
             "train_seconds"]
     csv_lines = [",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in results]
-    _write_atomic(os.path.join(args.out, "ablation.csv"), "\n".join(csv_lines) + "\n")
-    _write_atomic(os.path.join(args.out, "ablation.md"), f"`{command}`\n\n{table}\n")
+    write_text_atomic(os.path.join(args.out, "ablation.csv"), "\n".join(csv_lines) + "\n")
+    write_text_atomic(os.path.join(args.out, "ablation.md"), f"`{command}`\n\n{table}\n")
     print(table)
     return table
 

@@ -18,10 +18,8 @@ Example (a small sweep on the sample data, a few minutes on a CPU)::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
-import os
 import random
 import statistics
 import sys
@@ -29,6 +27,8 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from medpeft_monai.utils import atomic_path, write_csv_atomic
 
 PAPER_FRACTIONS = [0.0063, 0.0125, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
 # method name in this script -> PEFT config; learning rates: (adapter, head)
@@ -104,12 +104,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    write_csv_atomic(path, list(rows[0]), [list(r.values()) for r in rows])
 
 
 def plot(summary: list[dict], path: Path, metric_name: str) -> None:
@@ -129,10 +124,9 @@ def plot(summary: list[dict], path: Path, metric_name: str) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def table(summary: list[dict]) -> str:

@@ -34,8 +34,12 @@ def test_dka_bundle_trains_and_infers_with_the_merged_fast_path(name, dataset, t
     run_bundle(bundle, ["inference.json"], *small)
     n_test = len(json.loads((Path(sample_dataset(dataset)) / "datalist.json").read_text())["test"])
     if name == "dka_classification":
-        rows = list(csv.reader((bundle / "eval" / "predictions.csv").open()))
-        assert len(rows) == n_test and all(abs(float(r[1]) + float(r[2]) - 1) < 1e-5 for r in rows)
+        rows = list(csv.DictReader((bundle / "eval" / "predictions.csv").open()))
+        assert len(rows) == n_test
+        for r in rows:
+            p = [float(r["p_medical"]), float(r["p_natural"])]
+            assert abs(sum(p) - 1) < 1e-5 and r["pred_name"] == ["medical", "natural"][int(r["pred_class"])]
+            assert r["pred_class"] == str(int(p[1] > p[0])) and Path(r["image"]).is_file()
     else:
         assert len(list((bundle / "eval").glob("*_seg.nii.gz"))) == n_test
 

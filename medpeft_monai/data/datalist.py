@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from monai.data import load_decathlon_datalist
+
+from medpeft_monai.utils import write_text_atomic
 
 __all__ = ["DatalistError", "load_datalist", "write_datalist"]
 
@@ -158,21 +159,7 @@ def write_datalist(path: str | os.PathLike, sections: Mapping[str, Any]) -> str:
             ]
         else:
             out[name] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=2)
-            f.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return str(path)
+    return write_text_atomic(path, json.dumps(out, indent=2) + "\n")
 
 
 def _is_abs_path(value: Any) -> bool:

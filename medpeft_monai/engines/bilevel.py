@@ -29,27 +29,25 @@ paper's bi-level scheme is meant to remove. ``support_weight=0`` gives the plain
 Bundle helpers: :class:`DomainEpisodeSampler` (batches of ``tasks x shots`` images from distinct
 domains, class-balanced across tasks), :class:`DomainOutputs` (adds the router's ``domain_prob`` and
 the batch's ``domain_id`` to an evaluator's output), :class:`DomainAccuracy` (accuracy overall and per
-domain, as metrics and a CSV), :class:`DomainPredictionWriter` (an atomic CSV of class and domain
-probabilities per image) and :func:`datalist_domains`.
+domain, as metrics and a CSV) and :func:`datalist_domains`. Per-image class and domain probabilities
+are written by :class:`medpeft_monai.handlers.PredictionWriter`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import logging
 import math
 import os
 import re
-import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from ignite.metrics import Metric
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
@@ -59,7 +57,9 @@ from torch.func import functional_call
 from torch.utils.data import Sampler
 
 from medpeft_monai.backbones import as_plain_tensor
+from medpeft_monai.handlers import output_items
 from medpeft_monai.peft.dcrm import TALer, find_controller
+from medpeft_monai.utils import write_csv_atomic
 
 __all__ = [
     "BilevelTrainer",
@@ -67,7 +67,6 @@ __all__ = [
     "DomainAccuracy",
     "DomainEpisodeSampler",
     "DomainOutputs",
-    "DomainPredictionWriter",
     "datalist_domains",
     "dcrm_total_loss",
     "modulator_parameter_names",
@@ -457,35 +456,9 @@ def _index(value) -> int:
     return int(t.reshape(-1)[0]) if t.numel() == 1 else int(t.reshape(t.shape[0], -1).sum(1).argmax())
 
 
-def _items(output) -> list[dict]:
-    if isinstance(output, list):
-        return output
-    if isinstance(output, dict):  # not decollated
-        n = len(output[Keys.PRED])
-        return [{k: (v[i] if isinstance(v, (torch.Tensor, list)) and len(v) == n else v) for k, v in output.items()}
-                for i in range(n)]
-    raise TypeError(f"Unexpected engine output type {type(output).__name__}.")
-
-
 def _pred_label_domain(output) -> tuple[list, list, list]:
-    items = _items(output)
+    items = output_items(output)
     return ([o[Keys.PRED] for o in items], [o.get(Keys.LABEL) for o in items], [o.get("domain_id") for o in items])
-
-
-def _write_csv_atomic(path: str, header: list[str], rows: list[list]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".csv")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class DomainAccuracy(Metric):
@@ -551,75 +524,7 @@ class DomainAccuracy(Metric):
             rows = [[self._name(d), d, n, c, c / n] for d, (c, n) in self.per_domain.items()]
             rows.append(["all", "", sum(n for _, n in self.per_domain.values()),
                          sum(c for c, _ in self.per_domain.values()), value])
-            _write_csv_atomic(os.path.join(self.save_dir, self.filename),
+            write_csv_atomic(os.path.join(self.save_dir, self.filename),
                               ["domain", "domain_id", "n", "correct", "accuracy"], rows)
 
 
-class DomainPredictionWriter:
-    """Write one CSV row per image: predicted class with class probabilities, and the router's ``D(x)``.
-
-    Attach to an inference evaluator together with :class:`DomainOutputs`; ``pred`` should hold class
-    probabilities (e.g. after ``Activationsd(softmax=True)``). For dense predictions (segmentation) the
-    class columns are omitted and only the domain columns are written. The file is written atomically
-    when the run completes.
-
-    Args:
-        save_dir: output folder.
-        filename: CSV name.
-        class_names: names of the classes (default: indices).
-        domain_names: names of the router's domains (default: indices).
-        image_key: output key whose ``meta["filename_or_obj"]`` names the image.
-    """
-
-    def __init__(self, save_dir: str, filename: str = "predictions.csv", class_names: Sequence[str] | None = None,
-                 domain_names: Sequence[str] | None = None, image_key: str = Keys.IMAGE) -> None:
-        self.path = os.path.join(save_dir, filename)
-        self.class_names = list(class_names) if class_names is not None else None
-        self.domain_names = list(domain_names) if domain_names is not None else None
-        self.image_key = image_key
-        self.rows: list[dict] = []
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, lambda e: self.rows.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
-        engine.add_event_handler(Events.COMPLETED, self.write)
-
-    def collect(self, engine: Engine) -> None:
-        for item in _items(engine.state.output):
-            image = item.get(self.image_key)
-            meta = getattr(image, "meta", {}) or {}
-            name = meta.get("filename_or_obj", "")
-            row: dict = {"image": os.fspath(name) if name else f"item_{len(self.rows)}"}
-            pred = torch.as_tensor(as_plain_tensor(item[Keys.PRED])).detach().float().cpu()
-            if pred.ndim == 1:
-                row["class"] = int(pred.argmax())
-                row["class_probs"] = pred.tolist()
-            dp = item.get("domain_prob")
-            if dp is not None:
-                dp = torch.as_tensor(dp).detach().float().cpu().view(-1)
-                row["domain"] = int(dp.argmax())
-                row["domain_probs"] = dp.tolist()
-            self.rows.append(row)
-
-    def write(self, engine: Engine | None = None) -> None:
-        n_cls = max((len(r.get("class_probs", [])) for r in self.rows), default=0)
-        n_dom = max((len(r.get("domain_probs", [])) for r in self.rows), default=0)
-        cls_names = self.class_names or [str(i) for i in range(n_cls)]
-        dom_names = self.domain_names or [str(i) for i in range(n_dom)]
-        header = ["image"]
-        if n_cls:
-            header += ["pred_class", "pred_name"] + [f"p_{cls_names[i]}" for i in range(n_cls)]
-        if n_dom:
-            header += ["pred_domain", "pred_domain_name"] + [f"p_domain_{dom_names[i]}" for i in range(n_dom)]
-        rows = []
-        for r in self.rows:
-            row = [r["image"]]
-            if n_cls:
-                c = r.get("class")
-                row += [c, cls_names[c] if c is not None else ""] + [f"{p:.6f}" for p in r.get("class_probs", [])]
-            if n_dom:
-                d = r.get("domain")
-                row += [d, dom_names[d] if d is not None else ""] + [f"{p:.6f}" for p in r.get("domain_probs", [])]
-            rows.append(row)
-        _write_csv_atomic(self.path, header, rows)
-        logger.info(f"wrote {len(rows)} predictions to {self.path}")

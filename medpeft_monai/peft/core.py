@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from medpeft_monai.backbones import FrozenBackbone
+from medpeft_monai.utils import atomic_path
 
 __all__ = [
     "PEFT_FORMAT",
@@ -268,22 +268,9 @@ def unmerge_peft(model: nn.Module) -> nn.Module:
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: never a half-written file."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".pt")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-    try:
+    """``torch.save`` through :func:`medpeft_monai.utils.atomic_path`: never a half-written file."""
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def param_groups(model: nn.Module, adapter_lr: float = 1e-3, head_lr: float = 1e-4,

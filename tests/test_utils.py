@@ -1,0 +1,99 @@
+"""Tests for medpeft_monai.utils (atomic writes) and the prediction CSV handler."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.transforms import SaveImage
+from monai.utils.enums import CommonKeys as Keys
+
+from medpeft_monai.handlers import PredictionWriter
+from medpeft_monai.utils import AtomicNibabelWriter, atomic_path, write_csv_atomic, write_text_atomic
+
+
+def test_atomic_path_replaces_only_on_success(tmp_path):
+    target = tmp_path / "sub" / "out.txt"
+    write_text_atomic(target, "old")
+    assert target.read_text() == "old"
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_path(target) as tmp:
+            with open(tmp, "w") as f:
+                f.write("half")
+            raise RuntimeError("disk full")
+    assert target.read_text() == "old"  # the earlier file survives a failed write
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.txt"]  # no temporary file left
+    with atomic_path(target) as tmp:
+        assert os.path.dirname(tmp) == str(target.parent) and tmp.endswith("out.txt") and tmp != str(target)
+        with open(tmp, "w") as f:
+            f.write("new")
+        assert target.read_text() == "old"  # readers see the old file until the rename
+    assert target.read_text() == "new"
+    mode = target.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask  # ordinary permissions, not a private temporary file's
+
+
+def test_write_csv_atomic(tmp_path):
+    path = write_csv_atomic(tmp_path / "a.csv", ["x", "y"], [[1, "a,b"], [2, ""]])
+    assert list(csv.reader(open(path))) == [["x", "y"], ["1", "a,b"], ["2", ""]]
+
+
+def test_atomic_nibabel_writer_through_save_image(tmp_path, monkeypatch):
+    img = MetaTensor(torch.arange(24, dtype=torch.float32).reshape(1, 2, 3, 4), meta={"filename_or_obj": "case.nii.gz"})
+    img.affine = torch.diag(torch.tensor([2.0, 3.0, 4.0, 1.0]))
+    saver = SaveImage(output_dir=tmp_path, output_postfix="seg", separate_folder=False,
+                      writer="medpeft_monai.utils.AtomicNibabelWriter", output_dtype=np.float32)
+    saver(img)
+    out = tmp_path / "case_seg.nii.gz"
+    back = nib.load(out)
+    assert np.array_equal(back.get_fdata()[..., 0] if back.ndim == 4 else back.get_fdata(), img[0].numpy())
+    assert np.allclose(np.diag(back.affine), [2, 3, 4, 1])
+
+    # a failing write keeps the earlier mask and leaves no temporary file
+    before = out.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(nib, "save", boom)
+    with pytest.raises(Exception, match="No space left"):
+        AtomicNibabelWriter.write(_writer_with(img), str(out))
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["case_seg.nii.gz"]
+
+
+def _writer_with(img: MetaTensor) -> AtomicNibabelWriter:
+    w = AtomicNibabelWriter()
+    w.set_data_array(img, channel_dim=0)
+    w.set_metadata({"affine": img.affine})
+    return w
+
+
+class _Engine:
+    def __init__(self, output):
+        self.state = type("State", (), {"output": output})()
+
+
+def test_prediction_writer_rows_and_names(tmp_path):
+    img = MetaTensor(torch.zeros(3, 4, 4), meta={"filename_or_obj": "/data/a.png"})
+    writer = PredictionWriter(str(tmp_path), class_names=["benign", "malignant"])
+    writer.collect(_Engine([{Keys.IMAGE: img, Keys.PRED: torch.tensor([0.2, 0.8])},
+                            {Keys.IMAGE: img, Keys.PRED: torch.tensor([0.9, 0.1]),
+                             "domain_prob": torch.tensor([0.7, 0.3])}]))
+    writer.write()
+    rows = list(csv.DictReader(open(tmp_path / "predictions.csv")))
+    assert rows[0]["image"] == "/data/a.png" and rows[0]["pred_name"] == "malignant"
+    assert float(rows[0]["p_malignant"]) == pytest.approx(0.8) and rows[0]["pred_domain"] == ""
+    assert rows[1]["pred_class"] == "0" and rows[1]["pred_domain"] == "0" and rows[1]["pred_domain_name"] == "0"
+
+    three = PredictionWriter(str(tmp_path), filename="bad.csv", class_names=["a", "b"])
+    three.collect(_Engine([{Keys.IMAGE: img, Keys.PRED: torch.tensor([0.2, 0.3, 0.5])}]))
+    with pytest.raises(ValueError, match="2 class names .* for 3 predicted class.*--class_names"):
+        three.write()
+    assert not (tmp_path / "bad.csv").exists()
