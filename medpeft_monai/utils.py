@@ -15,9 +15,16 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from monai.data import NibabelWriter
+from monai.data import NibabelWriter, PILWriter
 
-__all__ = ["AtomicNibabelWriter", "atomic_path", "require_file", "write_csv_atomic", "write_text_atomic"]
+__all__ = [
+    "AtomicNibabelWriter",
+    "AtomicPILWriter",
+    "atomic_path",
+    "require_file",
+    "write_csv_atomic",
+    "write_text_atomic",
+]
 
 
 def require_file(path: str | os.PathLike, fix: str) -> str:
@@ -63,12 +70,18 @@ def write_csv_atomic(path: str | os.PathLike, header: Sequence[str], rows: Seque
     return write_text_atomic(path, buf.getvalue())
 
 
-class AtomicNibabelWriter(NibabelWriter):
-    """MONAI's ``NibabelWriter`` writing through :func:`atomic_path`.
+class _AtomicWrite:
+    """Mixin for a MONAI ``ImageWriter``: ``write`` goes through :func:`atomic_path`."""
 
-    Use in a bundle as ``{"_target_": "SaveImaged", ..., "writer": "medpeft_monai.utils.AtomicNibabelWriter"}``.
-    """
-
-    def write(self, filename: str | os.PathLike, verbose: bool = False, **obj_kwargs) -> None:
+    def write(self, filename: str | os.PathLike, verbose: bool = False, **kwargs) -> None:
         with atomic_path(filename) as tmp:
-            super().write(tmp, verbose=verbose, **obj_kwargs)
+            super().write(tmp, verbose=verbose, **kwargs)
+
+
+class AtomicNibabelWriter(_AtomicWrite, NibabelWriter):
+    """MONAI's ``NibabelWriter`` (NIfTI), written atomically. In a bundle:
+    ``{"_target_": "SaveImaged", ..., "writer": "medpeft_monai.utils.AtomicNibabelWriter"}``."""
+
+
+class AtomicPILWriter(_AtomicWrite, PILWriter):
+    """MONAI's ``PILWriter`` (PNG, JPEG, ...), written atomically; the format follows the file extension."""

@@ -427,3 +427,29 @@ def test_dcrm_bundle_train_evaluate_infer(tmp_path):
     dom_cols = [c for c in row if c.startswith("p_domain_")]
     assert len(dom_cols) == len(datalist["domains"])
     assert abs(sum(float(row[c]) for c in dom_cols) - 1) < 1e-4
+
+
+def test_dcrm_segmentation_variant_trains_and_writes_masks(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from medpeft_monai.data import sample_dataset
+
+    bundle = tmp_path / "dcrm_vit_multidomain"
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "eval"))
+    small = ("--backbone_kwargs", "{'depth': 2}")
+    run_bundle(bundle, ["train_seg.json"], "--epochs", "1", *small)
+    assert (bundle / "models" / "model_seg.pt").is_file() and (bundle / "models" / "adapter_seg.pt").is_file()
+    run_bundle(bundle, ["inference_seg.json"], *small)
+
+    folder = Path(sample_dataset("ultrasound_lesion"))
+    test = json.loads((folder / "datalist.json").read_text())["test"]
+    masks = sorted((bundle / "eval" / "seg").glob("*_seg.png"))
+    assert len(masks) == len(test)
+    for item in test:
+        image = np.asarray(Image.open(folder / item["image"]))
+        mask = np.asarray(Image.open(bundle / "eval" / "seg" / f"{Path(item['image']).stem}_seg.png"))
+        assert mask.shape == image.shape[:2] and set(np.unique(mask)) <= {0, 1}
+    assert not list((bundle / "eval" / "seg").glob(".tmp-*"))  # atomic writes leave no temporary files
+    rows = list(csv.DictReader((bundle / "eval" / "seg" / "domains.csv").open()))
+    assert len(rows) == len(test) and all(r["pred_domain_name"] in ("medical", "natural") for r in rows)
