@@ -31,6 +31,10 @@ def test_dka_bundle_trains_and_infers_with_the_merged_fast_path(name, dataset, t
     small = ["--backbone_kwargs", json.dumps(SMALL)]
     run_bundle(bundle, ["train.json"], "--epochs", "1", *small)
     assert (bundle / "models" / "model.pt").is_file() and (bundle / "models" / "adapter.pt").is_file()
+    run_bundle(bundle, ["train.json", "evaluate.json"], *small)
+    metric = "val_accuracy" if name == "dka_classification" else "val_mean_dice"
+    summary = dict(line.split(",", 1) for line in (bundle / "eval" / "metrics.csv").read_text().splitlines())
+    assert 0.0 <= float(summary[metric]) <= 1.0
     run_bundle(bundle, ["inference.json"], *small)
     n_test = len(json.loads((Path(sample_dataset(dataset)) / "datalist.json").read_text())["test"])
     if name == "dka_classification":
