@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 
 import torch
 from ignite.engine import Engine, Events
+from monai.handlers import MetricsSaver
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
@@ -15,7 +18,7 @@ from medpeft_monai.backbones import as_plain_tensor
 from medpeft_monai.peft import peft_state_dict, save_atomic
 from medpeft_monai.utils import write_csv_atomic
 
-__all__ = ["AdapterSaver", "PredictionWriter", "output_items", "scores_and_labels"]
+__all__ = ["AdapterSaver", "AtomicMetricsSaver", "PredictionWriter", "output_items", "scores_and_labels"]
 
 logger = logging.getLogger(__name__)
 
@@ -143,3 +146,25 @@ class PredictionWriter:
             rows.append(row)
         write_csv_atomic(self.path, header, rows)
         logger.info(f"wrote {len(rows)} predictions to {self.path}")
+
+
+class AtomicMetricsSaver(MetricsSaver):
+    """MONAI's ``MetricsSaver`` whose report files (``metrics.csv``, ``<metric>_raw.csv``,
+    ``<metric>_summary.csv``) are each written in full before replacing the previous ones.
+
+    The reports are first written into a temporary folder inside ``save_dir``, then every file is renamed
+    into ``save_dir``; same arguments as ``MetricsSaver``.
+    """
+
+    def __call__(self, engine: Engine) -> None:
+        final = os.fspath(self.save_dir)
+        os.makedirs(final, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".tmp-metrics-", dir=final)
+        try:
+            self.save_dir = staging
+            super().__call__(engine)
+            for name in sorted(os.listdir(staging)):
+                os.replace(os.path.join(staging, name), os.path.join(final, name))
+        finally:
+            self.save_dir = final
+            shutil.rmtree(staging, ignore_errors=True)

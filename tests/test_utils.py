@@ -97,3 +97,35 @@ def test_prediction_writer_rows_and_names(tmp_path):
     with pytest.raises(ValueError, match="2 class names .* for 3 predicted class.*--class_names"):
         three.write()
     assert not (tmp_path / "bad.csv").exists()
+
+
+def test_atomic_metrics_saver_keeps_old_reports_on_failure(tmp_path, monkeypatch):
+    import monai.handlers.metrics_saver as ms
+
+    from medpeft_monai.handlers import AtomicMetricsSaver
+
+    engine = _Engine(None)
+    engine.state.metrics = {"val_mean_dice": 0.75}
+    saver = AtomicMetricsSaver(save_dir=str(tmp_path), metrics=["val_mean_dice"])
+    saver(engine)
+    assert (tmp_path / "metrics.csv").read_text().strip() == "val_mean_dice,0.75"
+    before = (tmp_path / "metrics.csv").read_text()
+
+    real = ms.write_metrics_reports
+
+    def half_then_fail(save_dir, **kwargs):
+        with open(os.path.join(save_dir, "metrics.csv"), "w") as f:
+            f.write("val_mean_")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(ms, "write_metrics_reports", half_then_fail)
+    engine.state.metrics = {"val_mean_dice": 0.5}
+    with pytest.raises(OSError, match="No space left"):
+        saver(engine)
+    assert (tmp_path / "metrics.csv").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]  # staging folder removed
+    assert saver.save_dir == str(tmp_path)
+
+    monkeypatch.setattr(ms, "write_metrics_reports", real)
+    saver(engine)
+    assert "0.5" in (tmp_path / "metrics.csv").read_text()
