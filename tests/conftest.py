@@ -1,4 +1,18 @@
-"""Shared tiny backbones: real timm architectures with few blocks so the suite runs on 2 CPU cores."""
+"""Shared test helpers: tiny backbones (real timm architectures with few blocks so the suite runs on 2 CPU
+cores), the bundles of this checkout, bundle runs in a subprocess, and real servers on 127.0.0.1."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +22,9 @@ TINY_VIT4 = ("vit_tiny_patch16_224", {"depth": 4})
 TINY_REG = ("vit_small_patch14_reg4_dinov2", {"depth": 1})
 TINY_SWIN = ("swin_tiny_patch4_window7_224", {"depths": (1, 1, 1, 1)})
 TINY_SAM2 = ("sam2_hiera_tiny", {"stages": (1, 1, 1, 1)})
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLES = sorted(p for p in (ROOT / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
 
 
 @pytest.fixture(autouse=True)
@@ -20,3 +37,89 @@ def _sample_data_dir(tmp_path_factory, monkeypatch):
     """Build sample data once per session into a temp cache, never into the user's home."""
     root = tmp_path_factory.getbasetemp() / "sample_data"
     monkeypatch.setenv("MEDPEFT_DATA_DIR", str(root))
+
+
+def perturb_trainable(model: torch.nn.Module, std: float = 0.05, seed: int = 0,
+                      skip: Callable[[str], bool] = lambda name: False) -> torch.nn.Module:
+    """Stand-in for training: add ``N(0, std^2)`` noise to every trainable parameter not ``skip``-ped, so
+    zero-initialised adapters and heads give non-trivial outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and not skip(name):
+                p.add_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def example_input(bundle: Path, batch: int = 2) -> torch.Tensor:
+    """A seeded random batch shaped as the bundle's ``metadata.json`` input."""
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    image = next(iter(meta["network_data_format"]["inputs"].values()))
+    shape = [int(s) for s in image["spatial_shape"]]
+    return torch.rand(batch, int(image["num_channels"]), *shape, generator=torch.Generator().manual_seed(1))
+
+
+def copy_bundle(name: str, dst_dir: Path) -> Path:
+    """A copy of ``bundles/<name>`` in ``dst_dir`` without trained models or outputs."""
+    dst = dst_dir / name
+    shutil.copytree(ROOT / "bundles" / name, dst, ignore=shutil.ignore_patterns("models", "eval"))
+    return dst
+
+
+def run_bundle(bundle_root: Path, configs: list[str], *overrides: str, timeout: int = 600, env=None) -> str:
+    """``python -m monai.bundle run`` with ``configs`` (names under ``configs/``, merged in order); asserts
+    success and returns stdout + stderr."""
+    files = [str(bundle_root / "configs" / c) for c in configs]
+    arg = files[0] if len(files) == 1 else json.dumps(files)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", arg, "--bundle_root", str(bundle_root),
+           *overrides]
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res.stdout + res.stderr
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM the server's process group (it forks workers), then SIGKILL what is left."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=grace)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # workers that outlive the leader
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+@contextmanager
+def running_server(cmd: list[str], health_url: str, log_path: Path, what: str, timeout: float,
+                   poll: float = 0.5, grace: float = 20.0, **popen_kwargs) -> Iterator[subprocess.Popen]:
+    """Start ``cmd`` in its own process group, wait until ``health_url`` answers 200 (failing the test with
+    the log's tail if the server exits or is not up within ``timeout`` s), and stop it afterwards."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **popen_kwargs)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"{what} exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(health_url, timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what} not up after {timeout} s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(poll)
+        yield proc
+    finally:
+        stop_process_group(proc, grace)

@@ -2,8 +2,6 @@
 name and method config) beside models/model.pt, and the adapter loaded onto a freshly built frozen
 backbone reproduces the full model's predictions exactly."""
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +9,7 @@ from monai.bundle import ConfigParser
 
 from medpeft_monai.handlers import AdapterSaver
 from medpeft_monai.peft import PEFT_FORMAT, find_backbone, load_peft_state_dict
-
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLES = sorted(p for p in (ROOT / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
+from tests.conftest import BUNDLES, example_input, perturb_trainable
 
 
 def _handlers(parser, key):
@@ -35,24 +31,12 @@ def test_train_config_saves_adapter_beside_full_model(bundle):
     assert savers[0]["network"] == "@network"
 
 
-def _example_input(bundle, batch=2):
-    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
-    image = next(iter(meta["network_data_format"]["inputs"].values()))
-    return torch.rand(batch, int(image["num_channels"]), *[int(s) for s in image["spatial_shape"]],
-                      generator=torch.Generator().manual_seed(1))
-
-
 @pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
 def test_adapter_on_fresh_backbone_reproduces_predictions(bundle, tmp_path):
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "inference.json"))
-    trained = parser.get_parsed_content("network_def", lazy=False)
     # stand-in for training: move every trainable (PEFT + head) weight off its initial value
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in trained.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    trained = perturb_trainable(parser.get_parsed_content("network_def", lazy=False))
     models = tmp_path / "models"
     # the handler the bundle uses, called as on a new best metric
     saver = AdapterSaver(trained, str(models), on_best=False)
@@ -68,7 +52,7 @@ def test_adapter_on_fresh_backbone_reproduces_predictions(bundle, tmp_path):
     assert (models / "adapter.pt").stat().st_size < (models / "model.pt").stat().st_size
 
     fresh = parser.get_parsed_content("network_def", lazy=False)  # new frozen backbone, untrained adapter
-    x = _example_input(bundle)
+    x = example_input(bundle)
     trained.eval(), fresh.eval()
     with torch.no_grad():
         assert not torch.equal(fresh(x), trained(x))

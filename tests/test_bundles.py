@@ -2,7 +2,6 @@
 trains, evaluates and infers end to end on its sample data (with a shortened schedule)."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +13,8 @@ import torch
 from monai.bundle import ConfigParser, verify_metadata
 
 from medpeft_monai.peft import load_peft_state_dict
+from tests.conftest import BUNDLES, ROOT, copy_bundle, run_bundle
 
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLES = sorted(p for p in (ROOT / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
 SCHEMA = ROOT / "schemas" / "meta_schema.json"
 
 
@@ -49,19 +47,8 @@ def test_configs_parse_with_standard_ids(bundle):
         json.loads(cfg.read_text())  # valid JSON
 
 
-def run_bundle(bundle_root, configs, *overrides):
-    files = [str(bundle_root / "configs" / c) for c in configs]
-    arg = files[0] if len(files) == 1 else json.dumps(files)
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", arg,
-           "--bundle_root", str(bundle_root), *overrides]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return res.stdout + res.stderr
-
-
 def test_lora_segmentation_train_evaluate_infer(tmp_path):
-    bundle = tmp_path / "lora_segmentation"
-    shutil.copytree(ROOT / "bundles" / "lora_segmentation", bundle, ignore=shutil.ignore_patterns("models", "eval"))
+    bundle = copy_bundle("lora_segmentation", tmp_path)
     out = run_bundle(bundle, ["train.json"], "--epochs", "2")
     assert "train_loss" in out  # per-iteration stats
     assert (bundle / "models" / "model.pt").is_file() and (bundle / "models" / "adapter.pt").is_file()
@@ -99,8 +86,7 @@ def _dataset_dir():
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    bundle = tmp_path / "b"
-    shutil.copytree(ROOT / "bundles" / "lora_segmentation", bundle, ignore=shutil.ignore_patterns("models", "eval"))
+    bundle = copy_bundle("lora_segmentation", tmp_path)
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
            "--bundle_root", str(bundle)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

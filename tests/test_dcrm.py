@@ -5,9 +5,6 @@ import copy
 import csv
 import json
 import math
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,10 +23,10 @@ from medpeft_monai.peft.dcrm import (
     find_controller,
     psn_flops,
 )
-from tests.conftest import TINY_VIT
+from tests.conftest import TINY_VIT, copy_bundle, perturb_trainable
+from tests.conftest import run_bundle as _run_bundle
 
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = ROOT / "bundles" / "dcrm_vit_multidomain"
+BUNDLE = "dcrm_vit_multidomain"
 SIZE = 32
 K = 3
 
@@ -42,12 +39,11 @@ def build(num_domains=K, seed=0, **peft):
 
 def perturb(model, std=0.05, seed=1):
     """Give every zero-initialised DCRM parameter a random value (so corrections are non-zero)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.requires_grad and not n.endswith("log_inner_lr"):
-                p.add_(torch.randn(p.shape, generator=g) * std)
-    return model
+    return perturb_trainable(model, std, seed, skip=lambda name: name.endswith("log_inner_lr"))
+
+
+def run_bundle(bundle_root, configs, *overrides):
+    return _run_bundle(bundle_root, configs, *overrides, timeout=900)
 
 
 def images(n=4, seed=0):
@@ -391,19 +387,8 @@ def test_segmenter_returns_logits_and_domain_logits():
 # ---------------------------------------------------------------------------------------------- bundle
 
 
-def run_bundle(bundle_root, configs, *overrides):
-    files = [str(bundle_root / "configs" / c) for c in configs]
-    arg = files[0] if len(files) == 1 else json.dumps(files)
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", arg, "--bundle_root", str(bundle_root),
-           *overrides]
-    res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return res.stdout + res.stderr
-
-
 def test_dcrm_bundle_train_evaluate_infer(tmp_path):
-    bundle = tmp_path / "dcrm_vit_multidomain"
-    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "eval"))
+    bundle = copy_bundle(BUNDLE, tmp_path)
     small = ("--backbone_kwargs", "{'depth': 2}")
     out = run_bundle(bundle, ["train.json"], "--epochs", "2", *small)
     assert "train_loss" in out and "val_acc_natural" in out
@@ -435,8 +420,7 @@ def test_dcrm_segmentation_variant_trains_and_writes_masks(tmp_path):
 
     from medpeft_monai.data import sample_dataset
 
-    bundle = tmp_path / "dcrm_vit_multidomain"
-    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "eval"))
+    bundle = copy_bundle(BUNDLE, tmp_path)
     small = ("--backbone_kwargs", "{'depth': 2}")
     run_bundle(bundle, ["train_seg.json"], "--epochs", "1", *small)
     assert (bundle / "models" / "model_seg.pt").is_file() and (bundle / "models" / "adapter_seg.pt").is_file()

@@ -5,20 +5,16 @@ DistributedSampler, rank-0-only output handlers), and a tiny bundle trains under
 import json
 import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from monai.bundle import ConfigParser
 
 from medpeft_monai.distributed import backend, handlers_for_rank, is_rank_zero_only
+from tests.conftest import BUNDLES, copy_bundle, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLES = sorted(p for p in (ROOT / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
 TINY_BUNDLE = "lora_segmentation"
 
 
@@ -80,15 +76,8 @@ def test_handlers_for_rank_keeps_collective_and_state_handlers():
     assert backend() == ("nccl" if torch.cuda.is_available() else "gloo")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes_gloo_cpu(tmp_path):
-    bundle = tmp_path / TINY_BUNDLE
-    shutil.copytree(ROOT / "bundles" / TINY_BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "eval"))
+    bundle = copy_bundle(TINY_BUNDLE, tmp_path)
     # an extra config layered on top (MONAI merges config files in order): every rank saves its weights
     save_ranks = tmp_path / "save_every_rank.json"
     save_ranks.write_text(json.dumps({"finalize": [
@@ -97,7 +86,7 @@ def test_torchrun_two_processes_gloo_cpu(tmp_path):
     configs = [str(bundle / "configs" / "train.json"), str(bundle / "configs" / "multi_gpu_train.json"),
                str(save_ranks)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "-m", "monai.bundle", "run", "--config_file", json.dumps(configs), "--bundle_root", str(bundle),
            "--epochs", "2", "--backbone_kwargs", "{'depth': 2}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # gloo on the CPU even on a GPU machine

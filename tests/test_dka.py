@@ -28,6 +28,7 @@ from medpeft_monai.peft.dka import (
     DualKernelConv,
     cropped_kernel_size,
 )
+from tests.conftest import perturb_trainable
 
 VIT = ("vit_tiny_patch16_224", {"depth": 2}, 64)
 VIT_WIDE = ("vit_tiny_patch16_224", {"depth": 2}, (64, 96))
@@ -45,15 +46,6 @@ def backbone(spec, peft=None) -> FrozenBackbone:
         apply_peft(b, peft)
         b.eval()
     return b
-
-
-def perturb(model: torch.nn.Module, std: float = 0.05, seed: int = 1) -> None:
-    """Training-like random, non-zero values for every trainable parameter."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
 def image(b: FrozenBackbone, n: int = 2) -> torch.Tensor:
@@ -174,7 +166,7 @@ def test_identity_at_init_and_merge_round_trip(spec, position):
     b.eval()
     with torch.no_grad():
         assert torch.equal(b(x), ref), "zero-initialised up-projection must leave the backbone unchanged"
-        perturb(b)
+        perturb_trainable(b, seed=1)
         adapted = b(x)
         assert (adapted - ref).abs().max().item() > 1e-3
         merge_peft(b)
@@ -201,7 +193,7 @@ def test_injected_modules_and_cropped_kernels():
 
 def test_hiera_unrolled_tokens_are_convolved_in_raster_order():
     b = backbone(HIERA, {"method": "dka"})
-    perturb(b)
+    perturb_trainable(b, seed=1)
     index = 1  # a stage opener: 16x16 input, 8x8 output
     wrapper = b.block_module(index)
     adapter: DKAAdapter = wrapper.adapter
@@ -220,7 +212,7 @@ def test_prefix_tokens_bypass_the_convolution():
     b = backbone(DINO_REG, {"method": "dka", "dropout": 0.0})
     info = b.blocks[0]
     assert info.num_prefix_tokens == 5 and info.grid == (4, 4)
-    perturb(b, std=0.2)
+    perturb_trainable(b, std=0.2, seed=1)
     adapter = b.block_module(0).adapter
     p = info.num_prefix_tokens
     h = torch.randn(1, p + 16, info.width)
@@ -291,7 +283,7 @@ def test_param_groups_split_adapter_and_head():
 
 def test_adapter_checkpoint_round_trip_and_deepcopy():
     model = tiny_classifier().eval()
-    perturb(model)
+    perturb_trainable(model, seed=1)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ref = model(x)

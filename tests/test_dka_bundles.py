@@ -2,7 +2,6 @@
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,15 +12,9 @@ from medpeft_monai.data import sample_dataset
 from medpeft_monai.peft import DualKernelConv, load_peft_state_dict
 from scripts.low_data import main as low_data_main
 from scripts.low_data import subsample
-from tests.test_bundles import ROOT, run_bundle
+from tests.conftest import ROOT, copy_bundle, run_bundle
 
 SMALL = {"global_pool": "avg", "depth": 3}  # a 3-block backbone keeps the subprocess runs short
-
-
-def copy_bundle(name, tmp_path):
-    dst = tmp_path / name
-    shutil.copytree(ROOT / "bundles" / name, dst, ignore=shutil.ignore_patterns("models", "eval"))
-    return dst
 
 
 @pytest.mark.parametrize("name,dataset", [("dka_classification", "medical_vs_natural"),

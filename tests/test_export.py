@@ -4,7 +4,6 @@ the eager outputs."""
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +13,8 @@ import torch
 from monai.bundle import ConfigParser, ckpt_export
 from monai.data import load_net_with_metadata
 
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLES = sorted(p for p in (ROOT / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
+from tests.conftest import BUNDLES, copy_bundle, example_input, perturb_trainable
+
 TINY_BUNDLE = "lora_segmentation"
 NOT_SUPPORTED = "torchscript export is not supported"
 
@@ -27,25 +26,13 @@ def export_section(bundle: Path) -> str:
     return match.group(1)
 
 
-def example_input(bundle: Path, batch: int = 2) -> torch.Tensor:
-    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
-    image = next(iter(meta["network_data_format"]["inputs"].values()))
-    shape = [int(s) for s in image["spatial_shape"]]
-    return torch.rand(batch, int(image["num_channels"]), *shape, generator=torch.Generator().manual_seed(1))
-
-
 def trained_like_checkpoint(bundle: Path, path: Path, **overrides) -> torch.nn.Module:
     """``network_def`` of inference.json with its trainable (PEFT + head) weights moved off their init."""
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "inference.json"))
     for k, v in overrides.items():
         parser[k] = v
-    net = parser.get_parsed_content("network_def", lazy=False)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    net = perturb_trainable(parser.get_parsed_content("network_def", lazy=False))
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), path)
     return net.eval()
@@ -79,8 +66,7 @@ def test_ckpt_export_reproduces_eager_outputs(bundle, tmp_path):
 
 def test_ckpt_export_command_line(tmp_path):
     """The README command, run as a user would, on a copy of the tiny bundle."""
-    bundle = tmp_path / TINY_BUNDLE
-    shutil.copytree(ROOT / "bundles" / TINY_BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "eval"))
+    bundle = copy_bundle(TINY_BUNDLE, tmp_path)
     net = trained_like_checkpoint(bundle, bundle / "models" / "model.pt", backbone_kwargs={"depth": 2})
     cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def",
            "--filepath", "models/model.ts", "--ckpt_file", "models/model.pt",

@@ -4,13 +4,7 @@ and a real `mlflow server` (127.0.0.1, sqlite backend, temp dir) receives a tiny
 import json
 import os
 import re
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,64 +12,25 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
 
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLES = sorted(p for p in (ROOT / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
+from tests.conftest import BUNDLES, copy_bundle, free_port, run_bundle, running_server
+
 TINY_BUNDLE = "lora_segmentation"
 REQUIRED_PARAMS = ("method", "backbone", "data_fraction")
 LOGGER_TARGET = "medpeft_monai.tracking.MLflowBundleLogger"
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_process_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
-    """SIGTERM the server's process group (it forks workers), then SIGKILL what is left."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=grace)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # workers that outlive the leader
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=10)
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     port = free_port()
-    log = open(tmp_path / "mlflow_server.log", "w")  # noqa: SIM115 (closed in the finally below)
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no background job workers
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
            "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
            "--artifacts-destination", str(tmp_path / "mlartifacts")]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    server_log = tmp_path / "mlflow_server.log"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{server_log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(uri + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy after 180 s:\n{server_log.read_text()[-3000:]}")
-            time.sleep(0.5)
+    with running_server(cmd, uri + "/health", tmp_path / "mlflow_server.log", "mlflow server", timeout=180,
+                        cwd=tmp_path, env=env):
         yield uri
-    finally:
-        stop_process_group(proc)
-        log.close()
 
 
 def _train_config(bundle, tmp_path):
@@ -116,16 +71,12 @@ def test_mlflow_server_receives_params_metrics_config_and_adapter(mlflow_server,
 
     from medpeft_monai.peft import load_peft_state_dict
 
-    bundle = tmp_path / TINY_BUNDLE
-    shutil.copytree(ROOT / "bundles" / TINY_BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "eval"))
+    bundle = copy_bundle(TINY_BUNDLE, tmp_path)
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "train.json"),
-           "--bundle_root", str(bundle), "--epochs", "2", "--data_fraction", "0.5",
-           "--backbone_kwargs", "{'depth': 2}", "--tracking", "mlflow", "--tracking_uri", mlflow_server,
-           "--experiment_name", "medpeft_test"]
-    res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900, env=env)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_bundle(bundle, ["train.json"], "--epochs", "2", "--data_fraction", "0.5", "--backbone_kwargs", "{'depth': 2}",
+               "--tracking", "mlflow", "--tracking_uri", mlflow_server, "--experiment_name", "medpeft_test",
+               timeout=900, env=env)
 
     client = MlflowClient(tracking_uri=mlflow_server)
     exp = client.get_experiment_by_name("medpeft_test")

@@ -7,11 +7,7 @@ Needs the `label` extra (`pip install -e ".[dev,label]"`); without it these test
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -19,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLES = sorted(p for p in (ROOT / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
+from tests.conftest import BUNDLES, ROOT, copy_bundle, free_port, run_bundle, running_server
+
 APP = ROOT / "medpeft_monai" / "label_app"
 TINY_BUNDLE = "lora_segmentation"
 SKIP_REASON = 'MONAI Label is not installed: install the label extra, pip install -e ".[dev,label]" (the README does)'
@@ -71,8 +67,7 @@ def test_bundle_loads_and_infers_in_monailabel_app(bundle, tmp_path):
     from medpeft_monai.data import load_datalist
 
     label_app = load_app_module()
-    copy = tmp_path / "bundles" / bundle.name
-    shutil.copytree(bundle, copy, ignore=shutil.ignore_patterns("models", "eval"))
+    copy = copy_bundle(bundle.name, tmp_path / "bundles")
     assert bundle.name in label_app.segmentation_bundles(tmp_path / "bundles")
 
     parser = ConfigParser()
@@ -111,17 +106,6 @@ def read_grid(path):
     return tuple(img.shape[1:]), np.asarray(img.affine), np.asarray(img[0])
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(cmd, **kw):
-    res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900, **kw)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-
-
 def _dice(pred: np.ndarray, ref: np.ndarray, classes) -> float:
     scores = [2 * np.sum((pred == c) & (ref == c)) / max(np.sum(pred == c) + np.sum(ref == c), 1) for c in classes]
     return float(np.mean(scores))
@@ -132,17 +116,14 @@ def trained_tiny_bundle(tmp_path):
     """A copy of the tiny bundle with a 2-block ViT preset in train.json and inference.json, trained briefly."""
     require_monailabel()
     bundles = tmp_path / "bundles"
-    bundle = bundles / TINY_BUNDLE
-    shutil.copytree(ROOT / "bundles" / TINY_BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "eval"))
+    bundle = copy_bundle(TINY_BUNDLE, bundles)
     for name in ("train.json", "inference.json"):
         cfg = json.loads((bundle / "configs" / name).read_text())
         cfg["backbone_kwargs"] = {"depth": 2}
         (bundle / "configs" / name).write_text(json.dumps(cfg, indent=4))
-    _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "train.json"),
-          "--bundle_root", str(bundle), "--epochs", "8", "--learning_rate", "0.005", "--batch_size", "2"])
+    run_bundle(bundle, ["train.json"], "--epochs", "8", "--learning_rate", "0.005", "--batch_size", "2", timeout=900)
     # the bundle's own predictions for its test images, to compare with what MONAI Label returns
-    _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
-          "--bundle_root", str(bundle)])
+    run_bundle(bundle, ["inference.json"], timeout=900)
     return bundles
 
 
@@ -154,41 +135,18 @@ def label_server(trained_tiny_bundle, tmp_path):
     shutil.copy(APP / "main.py", app / "main.py")
     studies = tmp_path / "studies"
     studies.mkdir()
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, MONAI_LABEL_SESSION_PATH=str(tmp_path / "sessions"),
                MONAI_LABEL_DATASTORE_AUTO_RELOAD="false")
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
            "--conf", "bundles", str(trained_tiny_bundle), "--conf", "models", TINY_BUNDLE,
            "--host", "127.0.0.1", "--port", str(port)]
-    log_path = tmp_path / "monailabel.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     import requests
 
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"monailabel exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                info = requests.get(url + "/info/", timeout=5)
-                if info.status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"monailabel not up after 300 s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(1)
-        yield url, info.json()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+    with running_server(cmd, url + "/info/", tmp_path / "monailabel.log", "monailabel", timeout=300, poll=1,
+                        grace=30, env=env):
+        yield url, requests.get(url + "/info/", timeout=5).json()
 
 
 def test_monailabel_server_infers_with_image_geometry(label_server, trained_tiny_bundle, tmp_path):
