@@ -1,14 +1,16 @@
-"""Timing helpers shared by the benchmark scripts: round-robin medians, device sync, CPU name."""
+"""Shared by the benchmark scripts: command-line options, preset and device set-up, round-robin timing
+medians, device sync, CPU name."""
 
 from __future__ import annotations
 
+import argparse
 import platform
 import statistics
 import time
 
 import torch
 
-__all__ = ["cpu_name", "interleaved", "sync"]
+__all__ = ["add_common_arguments", "cpu_name", "interleaved", "setup", "sync"]
 
 
 def sync(device: torch.device) -> None:
@@ -41,3 +43,36 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def add_common_arguments(p: argparse.ArgumentParser, presets: dict, variants) -> None:
+    """Options every benchmark takes: preset and its overrides, device, threads, variants, JSON output."""
+    p.add_argument("--preset", choices=sorted(presets), default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--depth", type=int, default=None, help="override the number of ViT blocks")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--variants", nargs="+", choices=variants, default=list(variants))
+    p.add_argument("--out", default=None, help="write the results as JSON")
+
+
+def setup(args: argparse.Namespace, presets: dict) -> tuple[dict, torch.device, str]:
+    """The preset with the command-line overrides, the torch device (CPU threads set) and its name."""
+    cfg = dict(presets[args.preset])
+    cfg["model_kwargs"] = dict(cfg["model_kwargs"])
+    for key in ("batch", "image_size", "warmup", "iters"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    if args.depth is not None:
+        cfg["model_kwargs"]["depth"] = args.depth
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda but no CUDA device is available.")
+        return cfg, device, torch.cuda.get_device_name(device)
+    return cfg, device, cpu_name()

@@ -36,7 +36,7 @@ from medpeft_monai.peft.dka import cropped_kernel_size
 from medpeft_monai.utils import write_text_atomic
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import cpu_name, interleaved, sync  # noqa: E402
+from bench_common import add_common_arguments, interleaved, setup, sync  # noqa: E402
 
 PRESETS = {
     "cpu": {"backbone": "vit_tiny_patch16_224", "model_kwargs": {"depth": 12}, "image_size": 96, "batch": 8,
@@ -138,38 +138,16 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--depth", type=int, default=None, help="override the number of ViT blocks")
+    add_common_arguments(p, PRESETS, VARIANTS)
     p.add_argument("--hidden", type=int, default=16, help="DKA width m (paper: 16 classification, 192 segmentation)")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    p.add_argument("--out", default=None, help="write the results as JSON")
     args = p.parse_args(argv)
 
-    cfg = dict(PRESETS[args.preset], hidden=args.hidden)
-    cfg["model_kwargs"] = dict(cfg["model_kwargs"])
-    for key in ("batch", "image_size", "warmup", "iters"):
-        if getattr(args, key) is not None:
-            cfg[key] = getattr(args, key)
-    if args.depth is not None:
-        cfg["model_kwargs"]["depth"] = args.depth
+    cfg, device, device_name = setup(args, PRESETS)
+    cfg["hidden"] = args.hidden
     if "linear_probe" not in args.variants:
         args.variants = ["linear_probe", *args.variants]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda but no CUDA device is available.")
         torch.backends.cudnn.benchmark = True
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        device_name = cpu_name()
 
     rows = bench(args.variants, cfg, device)
     probe = PeftClassifier(cfg["backbone"], 2, image_size=cfg["image_size"], model_kwargs=cfg["model_kwargs"])
