@@ -60,7 +60,6 @@ class AdapterSaver:
 
     def __init__(self, network: nn.Module, save_dir: str, filename: str = "adapter.pt", on_best: bool = True) -> None:
         self.network, self.path, self.on_best = network, os.path.join(save_dir, filename), on_best
-        self.logger = logging.getLogger(__name__)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED if self.on_best else Events.COMPLETED, self)
@@ -70,7 +69,7 @@ class AdapterSaver:
             return
         net = self.network.module if hasattr(self.network, "module") else self.network  # DDP
         save_atomic(peft_state_dict(net), self.path)
-        self.logger.info(f"saved adapter artefact to {self.path}")
+        logger.info(f"saved adapter artefact to {self.path}")
 
 
 class PredictionWriter:

@@ -389,18 +389,17 @@ def _first(v) -> float:
 def _dicom_first_frame(ds) -> np.ndarray:
     """First frame of the pixel data, colour data as RGB, on pydicom 3 and on pydicom 2 (the version MONAI
     Label's ``label`` extra pins)."""
+    multi_frame = int(getattr(ds, "NumberOfFrames", 1) or 1) > 1
     try:  # pydicom >= 3: decodes one frame and converts YBR to RGB itself
         from pydicom.pixels import pixel_array
     except ImportError:  # pydicom 2: decodes every frame and leaves JPEG YBR data as YBR
         from pydicom.pixel_data_handlers.util import convert_color_space
 
-        arr = ds.pixel_array
-        if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-            arr = arr[0]
+        arr = ds.pixel_array[0] if multi_frame else ds.pixel_array
         if arr.ndim == 3 and str(ds.PhotometricInterpretation).startswith("YBR"):
             arr = convert_color_space(arr, "YBR_FULL", "RGB")
         return arr
-    return pixel_array(ds, index=0 if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 else None)
+    return pixel_array(ds, index=0 if multi_frame else None)
 
 
 def _load_dicom(name: str) -> np.ndarray:
