@@ -35,6 +35,8 @@ from typing import Any
 from ignite.engine import Engine, Events
 from torch import nn
 
+from medpeft_monai.peft import count_parameters
+
 __all__ = ["MLflowBundleLogger", "find_mlflow_handler", "flatten_params"]
 
 logger = logging.getLogger(__name__)
@@ -117,8 +119,8 @@ class MLflowBundleLogger:
                 params[f"initial_lr_group_{i}"] = str(group.get("initial_lr", group["lr"]))
         if self.network is not None:
             net = self.network.module if hasattr(self.network, "module") else self.network
-            params["params_trainable"] = str(sum(p.numel() for p in net.parameters() if p.requires_grad))
-            params["params_total"] = str(sum(p.numel() for p in net.parameters()))
+            trainable, total = count_parameters(net)
+            params["params_trainable"], params["params_total"] = str(trainable), str(total)
         return params
 
     def log_params(self, engine: Engine) -> None:
