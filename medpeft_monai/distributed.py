@@ -6,11 +6,12 @@ A bundle's ``multi_gpu_train.json`` is merged over ``train.json`` the MONAI way:
         --config_file "['configs/train.json','configs/multi_gpu_train.json']" --bundle_root .
 
 It wraps ``network`` in ``DistributedDataParallel``, gives both data loaders a
-``DistributedSampler`` and keeps handlers that only write outputs (console statistics, checkpoints,
-adapter files, experiment tracking) on rank 0 through :func:`handlers_for_rank`. Handlers that
-change the training state or run collective operations (``ValidationHandler``, ``LrScheduleHandler``,
-``EarlyStopHandler``, ``MetricsSaver``, ``ClassificationSaver``, ...) stay on every rank, so the
-ranks never fall out of step.
+``DistributedSampler`` (DCRM's episode loader shards its ``DomainEpisodeSampler`` by rank instead,
+and its ``BilevelTrainer`` averages the gradients itself) and keeps handlers that only write
+outputs (console statistics, checkpoints, adapter files, experiment tracking) on rank 0 through
+:func:`handlers_for_rank`. Handlers that change the training state or run collective operations
+(``ValidationHandler``, ``LrScheduleHandler``, ``EarlyStopHandler``, ``MetricsSaver``,
+``ClassificationSaver``, ...) stay on every rank, so the ranks never fall out of step.
 
 :func:`backend` and :func:`local_device` pick NCCL/GPU when CUDA is present and Gloo/CPU otherwise,
 so the same config runs on GPUs and, for tests, on a CPU.
@@ -25,7 +26,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["RANK_ZERO_ONLY", "backend", "get_rank", "handlers_for_rank", "is_rank_zero_only", "local_device"]
+__all__ = [
+    "RANK_ZERO_ONLY",
+    "backend",
+    "get_rank",
+    "get_world_size",
+    "handlers_for_rank",
+    "is_rank_zero_only",
+    "local_device",
+]
 
 # Handlers that only produce outputs; every other handler runs on all ranks.
 RANK_ZERO_ONLY = (
@@ -56,6 +65,11 @@ def local_device() -> torch.device:
 def get_rank() -> int:
     """This process's rank, 0 when not distributed."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """The number of processes, 1 when not distributed."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def is_rank_zero_only(handler: Any) -> bool:

@@ -339,6 +339,20 @@ def test_split_tasks_and_episode_sampler():
     assert batches != list(sampler)  # a new draw each epoch
 
 
+def test_episode_sampler_shards_episodes_across_ranks():
+    domains = [0] * 6 + [1] * 3 + [2] * 5 + [3] * 2
+    single = list(DomainEpisodeSampler(domains, tasks_per_episode=2, shots=2, num_episodes=5, seed=3))
+    ranks = [DomainEpisodeSampler(domains, tasks_per_episode=2, shots=2, num_episodes=5, seed=3, num_replicas=2,
+                                  rank=r) for r in (0, 1)]
+    shards = [list(r) for r in ranks]
+    assert [len(r) for r in ranks] == [len(s) for s in shards] == [3, 3]  # ceil(5 / 2): same iterations per rank
+    assert shards[0] == single[0::2] and shards[1][:2] == single[1::2]  # interleaved draws of one sequence
+    assert shards[0] != shards[1]
+    assert [list(r) for r in ranks] != shards  # both ranks move on to the next epoch's draw
+    with pytest.raises(ValueError, match="rank must be in"):
+        DomainEpisodeSampler(domains, num_replicas=2, rank=2)
+
+
 # ---------------------------------------------------------------------------------------------- artefacts / cost
 
 

@@ -15,10 +15,8 @@ from monai.bundle import ConfigParser
 from medpeft_monai.distributed import backend, handlers_for_rank, is_rank_zero_only
 from tests.conftest import BUNDLES, copy_bundle, free_port
 
-TINY_BUNDLE = "lora_segmentation"
-
-
-NOT_SUPPORTED = "torchrun training is not supported"
+# DDP through its reducer (lora_segmentation) and the bi-level trainer's own gradient averaging (DCRM)
+TORCHRUN_BUNDLES = ["lora_segmentation", "dcrm_vit_multidomain"]
 
 
 def _multi_gpu_parser(bundle):
@@ -26,8 +24,7 @@ def _multi_gpu_parser(bundle):
     readme = (bundle / "docs" / "README.md").read_text()
     section = re.search(r"^## Multi-GPU training \(torchrun\)(.*?)(?=^## |\Z)", readme, flags=re.DOTALL | re.MULTILINE)
     assert section, f"{bundle.name}/docs/README.md needs a '## Multi-GPU training (torchrun)' section"
-    if not mg.is_file() and NOT_SUPPORTED in section.group(1):
-        pytest.skip(f"{bundle.name}: {section.group(1).strip().splitlines()[0]}")
+    assert "multi_gpu_train.json" in section.group(1), f"{bundle.name}: the section must show the torchrun command"
     assert mg.is_file(), (
         f"{bundle.name} has no configs/multi_gpu_train.json: every bundle needs one for torchrun training "
         "(copy bundles/lora_segmentation/configs/multi_gpu_train.json; see docs/bundle_conventions.md)")
@@ -41,12 +38,20 @@ def test_multi_gpu_config_follows_monai_pattern(bundle):
     parser = _multi_gpu_parser(bundle)
     assert parser.get("network#_target_") in ("torch.nn.parallel.DistributedDataParallel", "DistributedDataParallel")
     assert "@network_def" in str(parser.get("network#module"))
-    for stage in ("train", "validate"):
+    stages = ["train", "validate"]
+    if parser.get("train#dataloader#batch_sampler") == "@train#sampler":
+        # an episode loader (DCRM): its batch sampler shards the episodes by rank instead
+        stages.remove("train")
+        assert parser.get("train#sampler#_target_").endswith("DomainEpisodeSampler")
+        assert parser.get("train#sampler#num_replicas") == "$dist.get_world_size()"
+        assert parser.get("train#sampler#rank") == "$dist.get_rank()"
+    else:
+        assert parser.get("train#dataloader#shuffle") is False  # the sampler shuffles
+    for stage in stages:
         sampler = parser.get(f"{stage}#sampler")
         assert sampler is not None and sampler["_target_"].endswith("DistributedSampler"), stage
         assert sampler["dataset"] == f"@{stage}#dataset"
         assert parser.get(f"{stage}#dataloader#sampler") == f"@{stage}#sampler", stage
-    assert parser.get("train#dataloader#shuffle") is False  # the sampler shuffles
     assert "handlers_for_rank(@train#handlers)" in parser.get("train#trainer#train_handlers")
     assert "handlers_for_rank(@validate#handlers)" in parser.get("validate#evaluator#val_handlers")
     init = " ".join(parser.get("initialize"))
@@ -76,8 +81,11 @@ def test_handlers_for_rank_keeps_collective_and_state_handlers():
     assert backend() == ("nccl" if torch.cuda.is_available() else "gloo")
 
 
-def test_torchrun_two_processes_gloo_cpu(tmp_path):
-    bundle = copy_bundle(TINY_BUNDLE, tmp_path)
+@pytest.mark.parametrize("bundle_name", TORCHRUN_BUNDLES)
+def test_torchrun_two_processes_gloo_cpu(tmp_path, bundle_name):
+    """Both ranks finish with identical weights. The ranks train on different data (DistributedSampler
+    shards, or DomainEpisodeSampler episodes), so identical weights mean the gradients were averaged."""
+    bundle = copy_bundle(bundle_name, tmp_path)
     # an extra config layered on top (MONAI merges config files in order): every rank saves its weights
     save_ranks = tmp_path / "save_every_rank.json"
     save_ranks.write_text(json.dumps({"finalize": [
@@ -111,3 +119,30 @@ def test_torchrun_two_processes_gloo_cpu(tmp_path):
     assert any(not torch.equal(fresh.state_dict()[n], rank0[n]) for n in trainable)
     frozen = [n for n, p in fresh.named_parameters() if not p.requires_grad]
     assert all(torch.equal(fresh.state_dict()[n], rank0[n]) for n in frozen)
+
+
+def _domain_accuracy_rank(rank, port, out_dir):
+    import torch.distributed as dist
+
+    from medpeft_monai.engines import DomainAccuracy
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        metric = DomainAccuracy(domain_names=["a", "b"], save_dir=out_dir, filename=f"acc{rank}.csv")
+        metric.reset()
+        # rank 0: domain a 2/2 correct; rank 1: domain a 0/1, domain b 1/1
+        shard = ([1, 0], [1, 0], [0, 0]) if rank == 0 else ([1, 1], [0, 1], [0, 1])
+        metric.update(shard)
+        engine = type("E", (), {"state": type("S", (), {"metrics": {}})()})()
+        metric.completed(engine, "acc")
+        torch.save(engine.state.metrics, f"{out_dir}/metrics{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_domain_accuracy_sums_counts_over_processes(tmp_path):
+    torch.multiprocessing.spawn(_domain_accuracy_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        metrics = torch.load(tmp_path / f"metrics{rank}.pt", weights_only=True)
+        assert metrics["acc"] == 3 / 4 and metrics["acc_a"] == 2 / 3 and metrics["acc_b"] == 1.0
+    assert (tmp_path / "acc0.csv").is_file() and not (tmp_path / "acc1.csv").exists()  # rank 0 writes

@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from ignite.engine import Engine
 from ignite.metrics import Metric
@@ -57,6 +58,7 @@ from torch.func import functional_call
 from torch.utils.data import Sampler
 
 from medpeft_monai.backbones import as_plain_tensor
+from medpeft_monai.distributed import get_rank, get_world_size
 from medpeft_monai.handlers import output_items
 from medpeft_monai.peft.dcrm import TALer, find_controller
 from medpeft_monai.utils import write_csv_atomic
@@ -165,12 +167,18 @@ class DomainEpisodeSampler(Sampler):
         class_ids: class label of every item; if given, the domains of an episode are drawn round-robin
             over the classes (by each domain's majority class), so a binary task sees both classes.
         seed: base seed; epoch ``e`` uses ``seed + e``, so runs are reproducible.
+        num_replicas, rank: for multi-process training (``torchrun``): every process draws the same
+            ``ceil(num_episodes / num_replicas) * num_replicas`` episodes and keeps every
+            ``num_replicas``-th one from ``rank`` on, so the processes train on different episodes and
+            run the same number of iterations. Default: the ``torch.distributed`` world size and rank
+            when a process group is initialised, else 1 and 0.
 
     Use as ``DataLoader(dataset, batch_sampler=DomainEpisodeSampler(...))``.
     """
 
     def __init__(self, domain_ids: Sequence[int], tasks_per_episode: int = 2, shots: int = 4,
-                 num_episodes: int | None = None, class_ids: Sequence[int] | None = None, seed: int = 0) -> None:
+                 num_episodes: int | None = None, class_ids: Sequence[int] | None = None, seed: int = 0,
+                 num_replicas: int | None = None, rank: int | None = None) -> None:
         self.domain_ids = [int(d) for d in domain_ids]
         if not self.domain_ids:
             raise ValueError("DomainEpisodeSampler needs at least one item.")
@@ -191,9 +199,15 @@ class DomainEpisodeSampler(Sampler):
                 labels = [int(class_ids[i]) for i in items]
                 self.by_class[max(set(labels), key=labels.count)].append(d)
         self.seed, self.epoch = int(seed), 0
+        self.num_replicas = int(num_replicas if num_replicas is not None else get_world_size())
+        self.rank = int(rank if rank is not None else get_rank())
+        if self.num_replicas < 1 or not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas), got rank={self.rank}, "
+                             f"num_replicas={self.num_replicas}.")
 
     def __len__(self) -> int:
-        return self.num_episodes
+        """Episodes this process runs per epoch."""
+        return math.ceil(self.num_episodes / self.num_replicas)
 
     def _domains(self, rng: np.random.Generator) -> list[int]:
         if self.by_class is None:
@@ -210,12 +224,13 @@ class DomainEpisodeSampler(Sampler):
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng(self.seed + self.epoch)
         self.epoch += 1
-        for _ in range(self.num_episodes):
+        for episode in range(len(self) * self.num_replicas):
             batch: list[int] = []
             for d in self._domains(rng):
                 items = self.by_domain[d]
                 batch += [items[i] for i in rng.permutation(len(items))[:self.shots]]
-            yield batch
+            if episode % self.num_replicas == self.rank:
+                yield batch
 
 
 def modulator_parameter_names(network: nn.Module) -> list[str]:
@@ -259,8 +274,11 @@ class BilevelTrainer(SupervisedTrainer):
     ``inner_lr``, ``domain_id``.
 
     The inferer argument is not used (the network is called directly, or through ``functional_call`` with
-    the adapted modulators). The bi-level loop runs the unwrapped network, so it is single-process:
-    under DistributedDataParallel use ``mode="joint"`` or average gradients yourself.
+    the adapted modulators). Multi-process (``torchrun``): wrap the network in
+    ``DistributedDataParallel`` (it broadcasts rank 0's initial weights; the evaluator runs through it)
+    and give the data loader a :class:`DomainEpisodeSampler`, which shards episodes by rank; both
+    modes run the unwrapped network and average the gradients across processes before each step
+    (:meth:`_average_gradients`).
     """
 
     def __init__(self, device: str | torch.device, max_epochs: int, train_data_loader, network: nn.Module,
@@ -365,6 +383,32 @@ class BilevelTrainer(SupervisedTrainer):
         mean_parts = {k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}
         return outer / len(tasks), mean_parts, pred
 
+    @staticmethod
+    def _average_gradients(net: nn.Module) -> None:
+        """Multi-process training: ``grad <- (1 / world_size) * sum_ranks grad`` for every trainable parameter.
+
+        Both loops run the unwrapped network (the functional inner loop bypasses
+        ``DistributedDataParallel``'s gradient hooks), so the outer gradients are averaged here, in one
+        all-reduce, before the optimizer step; every process then takes the same step. A parameter
+        that has no gradient on any process keeps ``grad = None``. Does nothing in a single process.
+        """
+        if get_world_size() == 1:
+            return
+        params = [p for p in net.parameters() if p.requires_grad]
+        if not params:
+            return
+        device = params[0].device
+        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+        has_grad = torch.tensor([float(p.grad is not None) for p in params], device=device)
+        flat = torch.cat(grads + [has_grad])
+        dist.all_reduce(flat)
+        flat /= get_world_size()
+        offset = 0
+        for p, seen in zip(params, flat[-len(params):].tolist()):
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype) if seen > 0 else None
+            offset += n
+
     # -- iteration
     def _iteration(self, engine: BilevelTrainer, batchdata) -> dict:
         if batchdata is None:
@@ -378,7 +422,7 @@ class BilevelTrainer(SupervisedTrainer):
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         if engine.mode == "joint":
             with torch.autocast(inputs.device.type, **engine.amp_kwargs) if engine.amp else contextlib.nullcontext():
-                pred = engine.network(inputs)
+                pred = net(inputs)
                 engine.fire_event(IterationEvents.FORWARD_COMPLETED)
                 _, loss, parts = engine._loss(net, pred, targets, domains)
         else:
@@ -393,11 +437,13 @@ class BilevelTrainer(SupervisedTrainer):
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         if engine.amp and engine.scaler is not None:
             engine.scaler.scale(loss).backward()
+            engine._average_gradients(net)
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.scaler.step(engine.optimizer)
             engine.scaler.update()
         else:
             loss.backward()
+            engine._average_gradients(net)
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.optimizer.step()
         lr = engine._inner_lr()
@@ -467,6 +513,7 @@ class DomainAccuracy(Metric):
     At the end of each run it also stores ``<name>_<domain>`` for every domain seen and
     ``<name>_domain_mean`` (mean over domains) in ``engine.state.metrics``, and, with ``save_dir``, writes
     ``filename`` (columns ``domain, domain_id, n, correct, accuracy``, last row ``all``) atomically.
+    Under ``torch.distributed`` the counts of all processes are summed first and only rank 0 writes.
 
     Args:
         domain_names: names indexed by domain id (default: the ids).
@@ -506,12 +553,26 @@ class DomainAccuracy(Metric):
             return "unknown"
         return self.domain_names[d] if self.domain_names is not None and d < len(self.domain_names) else str(d)
 
+    def _counts(self) -> tuple[dict[int, int], dict[int, int]]:
+        """``(correct, total)`` per domain id, summed over all processes under ``torch.distributed``."""
+        if get_world_size() == 1:
+            return dict(self._correct), dict(self._total)
+        gathered: list = [None] * get_world_size()
+        dist.all_gather_object(gathered, (dict(self._correct), dict(self._total)))
+        correct: dict[int, int] = defaultdict(int)
+        total: dict[int, int] = defaultdict(int)
+        for rank_correct, rank_total in gathered:
+            for d, n in rank_total.items():
+                total[d] += n
+                correct[d] += rank_correct.get(d, 0)
+        return dict(correct), dict(total)
+
     def compute(self) -> float:
-        total = sum(self._total.values())
-        if total == 0:
+        correct, total = self._counts()
+        if sum(total.values()) == 0:
             raise RuntimeError("DomainAccuracy needs at least one labelled example before compute().")
-        self.per_domain = {d: (self._correct[d], self._total[d]) for d in sorted(self._total)}
-        return sum(self._correct.values()) / total
+        self.per_domain = {d: (correct.get(d, 0), total[d]) for d in sorted(total)}
+        return sum(correct.values()) / sum(total.values())
 
     def completed(self, engine: Engine, name: str) -> None:
         value = self.compute()
@@ -520,7 +581,7 @@ class DomainAccuracy(Metric):
         for dom, acc in accs.items():
             engine.state.metrics[f"{name}_{dom}"] = acc
         engine.state.metrics[f"{name}_domain_mean"] = float(np.mean(list(accs.values())))
-        if self.save_dir is not None:
+        if self.save_dir is not None and get_rank() == 0:
             rows = [[self._name(d), d, n, c, c / n] for d, (c, n) in self.per_domain.items()]
             rows.append(["all", "", sum(n for _, n in self.per_domain.values()),
                          sum(c for c, _ in self.per_domain.values()), value])
