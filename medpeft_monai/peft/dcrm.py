@@ -311,11 +311,12 @@ class DomainAwareBias(nn.Module):
     def matrices(self) -> torch.Tensor:
         """The per-domain bias matrices ``(K, heads, N, N)``.
 
-        Without autograd (inference) the expanded matrices are cached until a parameter changes.
+        Without autograd (inference) the expanded matrices are cached until a parameter changes; never
+        while tracing (``torch.jit.trace`` must record the expansion, not a constant).
         """
         if self.form == "full":
             return self.table
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.jit.is_tracing():
             return self._expand()
         key = (tuple(p._version for p in self.parameters()), tuple(p.data_ptr() for p in self.parameters()),
                torch.is_inference_mode_enabled())
