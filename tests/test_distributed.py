@@ -15,27 +15,36 @@ from monai.bundle import ConfigParser
 from medpeft_monai.distributed import backend, handlers_for_rank, is_rank_zero_only
 from tests.conftest import BUNDLES, copy_bundle, free_port
 
-# DDP through its reducer (lora_segmentation) and the bi-level trainer's own gradient averaging (DCRM)
-TORCHRUN_BUNDLES = ["lora_segmentation", "dcrm_vit_multidomain"]
+# every training config train<suffix>.json has its torchrun layer multi_gpu_train<suffix>.json
+TRAIN_CONFIGS = [(b, c.name) for b in BUNDLES for c in sorted((b / "configs").glob("train*.json"))]
+# DDP through its reducer (lora_segmentation) and the bi-level trainer's own gradient averaging (DCRM,
+# episode sampler for classification, DistributedSampler for the segmentation variant)
+TORCHRUN_CASES = [("lora_segmentation", "train.json"), ("dcrm_vit_multidomain", "train.json"),
+                  ("dcrm_vit_multidomain", "train_seg.json")]
 
 
-def _multi_gpu_parser(bundle):
-    mg = bundle / "configs" / "multi_gpu_train.json"
+def multi_gpu_name(train_config: str) -> str:
+    return "multi_gpu_" + train_config
+
+
+def _multi_gpu_parser(bundle, train_config="train.json"):
+    mg_name = multi_gpu_name(train_config)
+    mg = bundle / "configs" / mg_name
     readme = (bundle / "docs" / "README.md").read_text()
     section = re.search(r"^## Multi-GPU training \(torchrun\)(.*?)(?=^## |\Z)", readme, flags=re.DOTALL | re.MULTILINE)
     assert section, f"{bundle.name}/docs/README.md needs a '## Multi-GPU training (torchrun)' section"
-    assert "multi_gpu_train.json" in section.group(1), f"{bundle.name}: the section must show the torchrun command"
+    assert mg_name in section.group(1), f"{bundle.name}: the section must show the torchrun command with {mg_name}"
     assert mg.is_file(), (
-        f"{bundle.name} has no configs/multi_gpu_train.json: every bundle needs one for torchrun training "
+        f"{bundle.name} has no configs/{mg_name}: every training config needs one for torchrun training "
         "(copy bundles/lora_segmentation/configs/multi_gpu_train.json; see docs/bundle_conventions.md)")
     parser = ConfigParser()
-    parser.read_config([str(bundle / "configs" / "train.json"), str(mg)])
+    parser.read_config([str(bundle / "configs" / train_config), str(mg)])
     return parser
 
 
-@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
-def test_multi_gpu_config_follows_monai_pattern(bundle):
-    parser = _multi_gpu_parser(bundle)
+@pytest.mark.parametrize(("bundle", "train_config"), TRAIN_CONFIGS, ids=lambda v: getattr(v, "name", v))
+def test_multi_gpu_config_follows_monai_pattern(bundle, train_config):
+    parser = _multi_gpu_parser(bundle, train_config)
     assert parser.get("network#_target_") in ("torch.nn.parallel.DistributedDataParallel", "DistributedDataParallel")
     assert "@network_def" in str(parser.get("network#module"))
     stages = ["train", "validate"]
@@ -81,8 +90,8 @@ def test_handlers_for_rank_keeps_collective_and_state_handlers():
     assert backend() == ("nccl" if torch.cuda.is_available() else "gloo")
 
 
-@pytest.mark.parametrize("bundle_name", TORCHRUN_BUNDLES)
-def test_torchrun_two_processes_gloo_cpu(tmp_path, bundle_name):
+@pytest.mark.parametrize(("bundle_name", "train_config"), TORCHRUN_CASES)
+def test_torchrun_two_processes_gloo_cpu(tmp_path, bundle_name, train_config):
     """Both ranks finish with identical weights. The ranks train on different data (DistributedSampler
     shards, or DomainEpisodeSampler episodes), so identical weights mean the gradients were averaged."""
     bundle = copy_bundle(bundle_name, tmp_path)
@@ -91,7 +100,7 @@ def test_torchrun_two_processes_gloo_cpu(tmp_path, bundle_name):
     save_ranks.write_text(json.dumps({"finalize": [
         "$torch.save(@network.module.state_dict(), @ckpt_dir + '/rank' + str(dist.get_rank()) + '.pt')",
         "$dist.is_initialized() and dist.destroy_process_group()"]}))
-    configs = [str(bundle / "configs" / "train.json"), str(bundle / "configs" / "multi_gpu_train.json"),
+    configs = [str(bundle / "configs" / train_config), str(bundle / "configs" / multi_gpu_name(train_config)),
                str(save_ranks)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
@@ -108,11 +117,12 @@ def test_torchrun_two_processes_gloo_cpu(tmp_path, bundle_name):
     assert rank0.keys() == rank1.keys()
     differing = [k for k in rank0 if not torch.equal(rank0[k], rank1[k])]
     assert not differing, f"ranks disagree on {differing[:5]}"
-    # rank 0 wrote the usual artefacts (once): full model and adapter
-    assert (models / "model.pt").is_file() and (models / "adapter.pt").is_file()
+    # rank 0 wrote the usual artefacts (once): full model and adapter (model_seg.pt for train_seg.json)
+    suffix = train_config[len("train"):-len(".json")]
+    assert (models / f"model{suffix}.pt").is_file() and (models / f"adapter{suffix}.pt").is_file()
     # and training did change the trainable weights
     parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "train.json"))
+    parser.read_config(str(bundle / "configs" / train_config))
     parser["backbone_kwargs"] = {"depth": 2}
     fresh = parser.get_parsed_content("network_def", lazy=False)
     trainable = [n for n, p in fresh.named_parameters() if p.requires_grad]
