@@ -1,4 +1,5 @@
-"""Small helpers bundle configs call, and the one place where files are written atomically.
+"""Small helpers bundle configs call, the one place where files are written atomically, and the
+layout of a bundle's variants (:class:`BundleVariant`).
 
 Every file this package writes (checkpoints, adapters, datalists, prediction CSVs, segmentation masks,
 figures, benchmark results) goes through :func:`atomic_path`: it is written under a temporary name in the
@@ -10,17 +11,22 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 from monai.data import NibabelWriter, PILWriter
 
 __all__ = [
     "AtomicNibabelWriter",
     "AtomicPILWriter",
+    "BundleVariant",
     "atomic_path",
+    "bundle_variants",
     "require_file",
     "write_csv_atomic",
     "write_text_atomic",
@@ -85,3 +91,50 @@ class AtomicNibabelWriter(_AtomicWrite, NibabelWriter):
 
 class AtomicPILWriter(_AtomicWrite, PILWriter):
     """MONAI's ``PILWriter`` (PNG, JPEG, ...), written atomically; the format follows the file extension."""
+
+
+@dataclass(frozen=True)
+class BundleVariant:
+    """One model a bundle trains and serves: ``suffix`` ``""`` for the main one, e.g. ``"_seg"`` for a variant.
+
+    A variant's files share its suffix: ``configs/train<suffix>.json``, ``configs/inference<suffix>.json``,
+    ``configs/multi_gpu_train<suffix>.json``, ``configs/metadata<suffix>.json`` (else ``metadata.json``),
+    ``models/model<suffix>.pt`` and ``models/adapter<suffix>.pt``; its name is ``<bundle folder><suffix>``.
+    """
+
+    bundle: Path
+    suffix: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.bundle.name + self.suffix
+
+    def config(self, kind: str) -> Path:
+        """``configs/<kind><suffix>.json``, e.g. ``config("inference")``."""
+        return self.bundle / "configs" / f"{kind}{self.suffix}.json"
+
+    @property
+    def metadata(self) -> Path:
+        own = self.config("metadata")
+        return own if own.is_file() else self.bundle / "configs" / "metadata.json"
+
+    @property
+    def model_file(self) -> Path:
+        return self.bundle / "models" / f"model{self.suffix}.pt"
+
+    @property
+    def adapter_file(self) -> Path:
+        return self.bundle / "models" / f"adapter{self.suffix}.pt"
+
+    def output_format(self) -> str | None:
+        """``format`` of the first output in the variant's metadata (``"segmentation"``, ``"classes"``, ...)."""
+        meta = json.loads(self.metadata.read_text())
+        outputs = meta.get("network_data_format", {}).get("outputs", {})
+        return next(iter(outputs.values()), {}).get("format")
+
+
+def bundle_variants(bundle: str | os.PathLike) -> list[BundleVariant]:
+    """The variants of a bundle folder, one per ``configs/inference<suffix>.json``, main variant first."""
+    bundle = Path(bundle)
+    configs = sorted((bundle / "configs").glob("inference*.json"), key=lambda p: (len(p.name), p.name))
+    return [BundleVariant(bundle, p.stem[len("inference"):]) for p in configs]

@@ -1,6 +1,7 @@
-"""Adapter artefact (``models/adapter.pt``) against the full checkpoint (``models/model.pt``), per bundle task.
+"""Adapter artefact (``models/adapter.pt``) against the full checkpoint (``models/model.pt``), per bundle variant.
 
-For every ``bundles/<name>/configs/inference*.json`` (one task each) the script builds ``network_def``
+For every bundle variant (``bundles/<name>/configs/inference<suffix>.json``, named ``<name><suffix>``; see
+``medpeft_monai.utils.BundleVariant``) the script builds ``network_def``
 (with optional overrides), serialises the two files exactly as training writes them
 (``torch.save`` of ``medpeft_monai.peft.peft_state_dict(net)`` for the adapter, of ``net.state_dict()``
 for the full model) and reports their sizes and trainable / total parameter counts. Weights do not change
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from medpeft_monai.utils import write_text_atomic
+from medpeft_monai.utils import bundle_variants, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_SCALE = {"backbone": "vit_base_patch16_224", "image_size": [224, 224], "backbone_kwargs": {}}
@@ -68,15 +69,15 @@ def measure(config: Path, overrides: dict) -> dict:
 
 def table(overrides: dict, bundles_dir: Path) -> tuple[str, list[dict]]:
     rows, lines = [], [
-        "| bundle / task | backbone @ size | method | trainable / total params | adapter.pt | model.pt "
+        "| bundle variant | backbone @ size | method | trainable / total params | adapter.pt | model.pt "
         "| adapter / model |",
         "|---|---|---|---:|---:|---:|---:|",
     ]
     for bundle in sorted(p for p in bundles_dir.iterdir() if (p / "configs" / "metadata.json").is_file()):
-        for config in sorted((bundle / "configs").glob("inference*.json")):
-            task = bundle.name if config.stem == "inference" else f"{bundle.name} ({config.stem})"
+        for variant in bundle_variants(bundle):
+            task = variant.name
             try:
-                r = measure(config, overrides)
+                r = measure(variant.config("inference"), overrides)
             except Exception as err:  # report and go on: one bundle's override may not apply
                 traceback.print_exc(file=sys.stderr)
                 lines.append(f"| {task} | n/a: {type(err).__name__}: {str(err)[:80]} | | | | | |")
@@ -93,14 +94,15 @@ def table(overrides: dict, bundles_dir: Path) -> tuple[str, list[dict]]:
 
 def trained_files(bundles_dir: Path) -> str:
     lines = []
-    for bundle in sorted(p for p in bundles_dir.iterdir() if (p / "models").is_dir()):
-        adapter, model = bundle / "models" / "adapter.pt", bundle / "models" / "model.pt"
-        if adapter.is_file() and model.is_file():
-            a, m = adapter.stat().st_size, model.stat().st_size
-            lines.append(f"| {bundle.name} | {_human(a)} | {_human(m)} | {100 * a / m:.1f}% |")
+    for bundle in sorted(p for p in bundles_dir.iterdir() if (p / "configs" / "metadata.json").is_file()):
+        for variant in bundle_variants(bundle):
+            adapter, model = variant.adapter_file, variant.model_file
+            if adapter.is_file() and model.is_file():
+                a, m = adapter.stat().st_size, model.stat().st_size
+                lines.append(f"| {variant.name} | {_human(a)} | {_human(m)} | {100 * a / m:.1f}% |")
     if not lines:
         return ""
-    return "\n".join(["| bundle (files written by training) | adapter.pt | model.pt | adapter / model |",
+    return "\n".join(["| bundle variant (files written by training) | adapter.pt | model.pt | adapter / model |",
                       "|---|---:|---:|---:|", *lines])
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from medpeft_monai.utils import BundleVariant, bundle_variants
+
 TINY_VIT = ("vit_tiny_patch16_224", {"depth": 2})
 TINY_VIT4 = ("vit_tiny_patch16_224", {"depth": 4})
 TINY_REG = ("vit_small_patch14_reg4_dinov2", {"depth": 1})
@@ -25,6 +27,8 @@ TINY_SAM2 = ("sam2_hiera_tiny", {"stages": (1, 1, 1, 1)})
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = sorted(p for p in (ROOT / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
+# every model the bundles train and serve: one per configs/inference<suffix>.json (e.g. DCRM-ViT's "_seg")
+VARIANTS = [v for b in BUNDLES for v in bundle_variants(b)]
 
 
 @pytest.fixture(autouse=True)
@@ -51,9 +55,10 @@ def perturb_trainable(model: torch.nn.Module, std: float = 0.05, seed: int = 0,
     return model
 
 
-def example_input(bundle: Path, batch: int = 2) -> torch.Tensor:
-    """A seeded random batch shaped as the bundle's ``metadata.json`` input."""
-    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+def example_input(bundle: Path | BundleVariant, batch: int = 2) -> torch.Tensor:
+    """A seeded random batch shaped as the input in the bundle's (or variant's) metadata."""
+    variant = bundle if isinstance(bundle, BundleVariant) else BundleVariant(bundle)
+    meta = json.loads(variant.metadata.read_text())
     image = next(iter(meta["network_data_format"]["inputs"].values()))
     shape = [int(s) for s in image["spatial_shape"]]
     return torch.rand(batch, int(image["num_channels"]), *shape, generator=torch.Generator().manual_seed(1))

@@ -1,6 +1,7 @@
 """Adapter artefacts: every bundle writes models/adapter.pt (PEFT + head parameters only, with the backbone
-name and method config) beside models/model.pt, and the adapter loaded onto a freshly built frozen
-backbone reproduces the full model's predictions exactly."""
+name and method config) beside models/model.pt (a variant: adapter<suffix>.pt beside model<suffix>.pt),
+and the adapter loaded onto a freshly built frozen backbone reproduces the full model's predictions
+exactly."""
 
 
 import pytest
@@ -9,32 +10,33 @@ from monai.bundle import ConfigParser
 
 from medpeft_monai.handlers import AdapterSaver
 from medpeft_monai.peft import PEFT_FORMAT, find_backbone, load_peft_state_dict
-from tests.conftest import BUNDLES, example_input, perturb_trainable
+from tests.conftest import VARIANTS, example_input, perturb_trainable
 
 
 def _handlers(parser, key):
     return [h for h in (parser.get(key) or []) if isinstance(h, dict)]
 
 
-@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
-def test_train_config_saves_adapter_beside_full_model(bundle):
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
+def test_train_config_saves_adapter_beside_full_model(variant):
+    train, adapter, model = variant.config("train"), variant.adapter_file.name, variant.model_file.name
     parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "train.json"))
+    parser.read_config(str(train))
     handlers = _handlers(parser, "validate#handlers") + _handlers(parser, "train#handlers")
     savers = [h for h in handlers if h.get("_target_", "").endswith("AdapterSaver")]
-    assert len(savers) == 1, f"{bundle.name}: train.json needs one medpeft_monai.handlers.AdapterSaver"
-    assert savers[0]["save_dir"] == "@ckpt_dir" and savers[0].get("filename", "adapter.pt") == "adapter.pt"
+    assert len(savers) == 1, f"{variant.name}: {train.name} needs one medpeft_monai.handlers.AdapterSaver"
+    assert savers[0]["save_dir"] == "@ckpt_dir" and savers[0].get("filename", "adapter.pt") == adapter
     ckpts = [h for h in handlers if h.get("_target_", "").endswith("CheckpointSaver")]
-    assert any(h["save_dir"] == "@ckpt_dir" and h.get("key_metric_filename") == "model.pt" for h in ckpts), (
-        f"{bundle.name}: models/model.pt (full network, for MONAI Label and ckpt_export) must be saved too")
+    assert any(h["save_dir"] == "@ckpt_dir" and h.get("key_metric_filename") == model for h in ckpts), (
+        f"{variant.name}: models/{model} (full network, for MONAI Label and ckpt_export) must be saved too")
     # the two files are written on the same event (a new best key metric) from the same network
     assert savers[0]["network"] == "@network"
 
 
-@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
-def test_adapter_on_fresh_backbone_reproduces_predictions(bundle, tmp_path):
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
+def test_adapter_on_fresh_backbone_reproduces_predictions(variant, tmp_path):
     parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser.read_config(str(variant.config("inference")))
     # stand-in for training: move every trainable (PEFT + head) weight off its initial value
     trained = perturb_trainable(parser.get_parsed_content("network_def", lazy=False))
     models = tmp_path / "models"
@@ -52,7 +54,7 @@ def test_adapter_on_fresh_backbone_reproduces_predictions(bundle, tmp_path):
     assert (models / "adapter.pt").stat().st_size < (models / "model.pt").stat().st_size
 
     fresh = parser.get_parsed_content("network_def", lazy=False)  # new frozen backbone, untrained adapter
-    x = example_input(bundle)
+    x = example_input(variant)
     trained.eval(), fresh.eval()
     with torch.no_grad():
         assert not torch.equal(fresh(x), trained(x))

@@ -13,6 +13,7 @@ import torch
 from monai.bundle import ConfigParser, verify_metadata
 
 from medpeft_monai.peft import load_peft_state_dict
+from medpeft_monai.utils import bundle_variants
 from tests.conftest import BUNDLES, ROOT, copy_bundle, run_bundle
 
 SCHEMA = ROOT / "schemas" / "meta_schema.json"
@@ -27,6 +28,9 @@ def test_metadata_verifies_offline_and_files_present(bundle):
     verify_metadata(meta_file=str(bundle / "configs" / "metadata.json"), filepath=str(SCHEMA))
     for name in ("train.json", "evaluate.json", "inference.json", "logging.conf"):
         assert (bundle / "configs" / name).is_file(), name
+    for variant in bundle_variants(bundle):  # a variant's own metadata<suffix>.json verifies too
+        verify_metadata(meta_file=str(variant.metadata), filepath=str(SCHEMA))
+        assert variant.config("train").is_file(), f"{variant.name}: no {variant.config('train').name}"
     assert (bundle / "docs" / "README.md").is_file() and (bundle / "LICENSE").is_file()
 
 

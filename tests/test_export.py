@@ -1,6 +1,6 @@
 """TorchScript export: `python -m monai.bundle ckpt_export ... --use_trace True` works for every bundle's
-`network_def` (or the bundle README's "Export" section says why not), and the exported model reproduces
-the eager outputs."""
+`network_def`, for each variant with its own inference config and metadata (or the bundle README's
+"Export" section says why not), and the exported model reproduces the eager outputs."""
 
 import json
 import re
@@ -13,7 +13,8 @@ import torch
 from monai.bundle import ConfigParser, ckpt_export
 from monai.data import load_net_with_metadata
 
-from tests.conftest import BUNDLES, copy_bundle, example_input, perturb_trainable
+from medpeft_monai.utils import BundleVariant
+from tests.conftest import VARIANTS, copy_bundle, example_input, perturb_trainable
 
 TINY_BUNDLE = "lora_segmentation"
 NOT_SUPPORTED = "torchscript export is not supported"
@@ -26,10 +27,11 @@ def export_section(bundle: Path) -> str:
     return match.group(1)
 
 
-def trained_like_checkpoint(bundle: Path, path: Path, **overrides) -> torch.nn.Module:
-    """``network_def`` of inference.json with its trainable (PEFT + head) weights moved off their init."""
+def trained_like_checkpoint(variant: BundleVariant, path: Path, **overrides) -> torch.nn.Module:
+    """``network_def`` of the variant's inference config with its trainable (PEFT + head) weights moved off
+    their init."""
     parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser.read_config(str(variant.config("inference")))
     for k, v in overrides.items():
         parser[k] = v
     net = perturb_trainable(parser.get_parsed_content("network_def", lazy=False))
@@ -38,9 +40,10 @@ def trained_like_checkpoint(bundle: Path, path: Path, **overrides) -> torch.nn.M
     return net.eval()
 
 
-def check_reproduces(net: torch.nn.Module, ts_file: Path, x: torch.Tensor) -> None:
-    ts, meta, extra = load_net_with_metadata(str(ts_file), more_extra_files=["inference.json"])
-    assert meta["version"] and "network_def" in json.loads(extra["inference.json"])
+def check_reproduces(net: torch.nn.Module, ts_file: Path, x: torch.Tensor, config: str = "inference.json") -> None:
+    """The exported file holds the metadata and ``config`` and gives the eager outputs of ``net`` on ``x``."""
+    ts, meta, extra = load_net_with_metadata(str(ts_file), more_extra_files=[config])
+    assert meta["version"] and "network_def" in json.loads(extra[config])
     with torch.no_grad():
         eager, exported = net(x), ts(x)
     torch.testing.assert_close(exported, eager, rtol=1e-4, atol=1e-5)
@@ -48,26 +51,30 @@ def check_reproduces(net: torch.nn.Module, ts_file: Path, x: torch.Tensor) -> No
         assert torch.equal(exported.argmax(1), eager.argmax(1))
 
 
-@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
-def test_ckpt_export_reproduces_eager_outputs(bundle, tmp_path):
-    section = export_section(bundle)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
+def test_ckpt_export_reproduces_eager_outputs(variant, tmp_path):
+    section = export_section(variant.bundle)
     if NOT_SUPPORTED in section.lower():
-        pytest.skip(f"{bundle.name}: README documents why TorchScript export is not supported: {section.strip()[:300]}")
+        pytest.skip(f"{variant.name}: README documents why TorchScript export is not supported: "
+                    f"{section.strip()[:300]}")
+    config, meta = f"configs/{variant.config('inference').name}", f"configs/{variant.metadata.name}"
     assert "ckpt_export" in section and "--use_trace True" in section, section
-    ckpt = tmp_path / "models" / "model.pt"
-    net = trained_like_checkpoint(bundle, ckpt)
-    ts_file = tmp_path / "models" / "model.ts"
+    assert f"--config_file {config}" in section and f"--meta_file {meta}" in section, (
+        f"{variant.bundle.name}/docs/README.md: the Export section needs the command for {variant.name} "
+        f"(--config_file {config} --meta_file {meta})")
+    ckpt = tmp_path / "models" / variant.model_file.name
+    net = trained_like_checkpoint(variant, ckpt)
+    ts_file = ckpt.with_suffix(".ts")
     # the Python entry point behind `python -m monai.bundle ckpt_export`
-    ckpt_export(net_id="network_def", filepath=str(ts_file), ckpt_file=str(ckpt),
-                meta_file=str(bundle / "configs" / "metadata.json"),
-                config_file=str(bundle / "configs" / "inference.json"), use_trace=True, bundle_root=str(tmp_path))
-    check_reproduces(net, ts_file, example_input(bundle, batch=2))
+    ckpt_export(net_id="network_def", filepath=str(ts_file), ckpt_file=str(ckpt), meta_file=str(variant.metadata),
+                config_file=str(variant.config("inference")), use_trace=True, bundle_root=str(tmp_path))
+    check_reproduces(net, ts_file, example_input(variant, batch=2), variant.config("inference").name)
 
 
 def test_ckpt_export_command_line(tmp_path):
     """The README command, run as a user would, on a copy of the tiny bundle."""
     bundle = copy_bundle(TINY_BUNDLE, tmp_path)
-    net = trained_like_checkpoint(bundle, bundle / "models" / "model.pt", backbone_kwargs={"depth": 2})
+    net = trained_like_checkpoint(BundleVariant(bundle), bundle / "models" / "model.pt", backbone_kwargs={"depth": 2})
     cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def",
            "--filepath", "models/model.ts", "--ckpt_file", "models/model.pt",
            "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",

@@ -1,5 +1,6 @@
-"""MLflow tracking: every bundle wires its params and adapter artefact into MONAI's `--tracking mlflow`,
-and a real `mlflow server` (127.0.0.1, sqlite backend, temp dir) receives a tiny bundle's run."""
+"""MLflow tracking: every bundle (each train<suffix>.json of its variants) wires its params and adapter
+artefact into MONAI's `--tracking mlflow`, and a real `mlflow server` (127.0.0.1, sqlite backend, temp dir)
+receives a tiny bundle's run."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
 
-from tests.conftest import BUNDLES, copy_bundle, free_port, run_bundle, running_server
+from tests.conftest import VARIANTS, copy_bundle, free_port, run_bundle, running_server
 
 TINY_BUNDLE = "lora_segmentation"
 REQUIRED_PARAMS = ("method", "backbone", "data_fraction")
@@ -33,34 +34,36 @@ def mlflow_server(tmp_path):
         yield uri
 
 
-def _train_config(bundle, tmp_path):
-    """train.json parsed the way `monai.bundle run --tracking mlflow` patches it (outputs under tmp_path)."""
+def _train_config(train_config: Path, tmp_path):
+    """A train config parsed the way `monai.bundle run --tracking mlflow` patches it (outputs under tmp_path)."""
     parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "train.json"))
+    parser.read_config(str(train_config))
     parser["bundle_root"] = str(tmp_path)
     ConfigWorkflow.patch_bundle_tracking(parser=parser, settings=DEFAULT_MLFLOW_SETTINGS)
     return parser
 
 
-@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
-def test_tracking_params_and_adapter_artifact_are_wired(bundle, tmp_path):
-    parser = _train_config(bundle, tmp_path)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
+def test_tracking_params_and_adapter_artifact_are_wired(variant, tmp_path):
+    train = variant.config("train")
+    parser = _train_config(train, tmp_path)
     assert "tracking_params" in parser, (
-        f"{bundle.name}/configs/train.json needs a top-level 'tracking_params' dict (see docs/bundle_conventions.md)")
+        f"{variant.bundle.name}/configs/{train.name} needs a top-level 'tracking_params' dict "
+        "(see docs/bundle_conventions.md)")
     params = parser.get_parsed_content("tracking_params", lazy=False)
     missing = [k for k in REQUIRED_PARAMS if k not in params]
-    assert not missing, f"{bundle.name}: tracking_params lacks {missing}"
+    assert not missing, f"{variant.name}: tracking_params lacks {missing}"
     lrs = [k for k in params if re.search(r"learning_rate|(^|_)lr($|_)", k)]
-    assert lrs, f"{bundle.name}: tracking_params needs the learning rate(s): learning_rate or *_lr keys"
+    assert lrs, f"{variant.name}: tracking_params needs the learning rate(s): learning_rate or *_lr keys"
 
     handlers = parser.get("train#handlers")
     loggers = [i for i, h in enumerate(handlers) if isinstance(h, dict) and h.get("_target_") == LOGGER_TARGET]
-    assert len(loggers) == 1, f"{bundle.name}: train#handlers needs one {LOGGER_TARGET}"
+    assert len(loggers) == 1, f"{variant.name}: train#handlers needs one {LOGGER_TARGET}"
     i = loggers[0]
     assert parser.get(f"train#handlers#{i}#params") == "@tracking_params"
     artifacts = parser.get_parsed_content(f"train#handlers#{i}#artifacts", lazy=False)
     ckpt_dir = parser.get_parsed_content("ckpt_dir")
-    assert os.path.join(ckpt_dir, "adapter.pt") in [os.path.normpath(a) for a in artifacts]
+    assert os.path.join(ckpt_dir, variant.adapter_file.name) in [os.path.normpath(a) for a in artifacts]
     # MONAI's tracking patch found the standard engine IDs and added its handlers to them
     assert handlers[-1]["_target_"] == "MLFlowHandler"
     assert parser.get("validate#handlers")[-1]["_target_"] == "MLFlowHandler"

@@ -1,6 +1,7 @@
-"""MONAI Label: every segmentation bundle loads in the app shipped in medpeft_monai/label_app, and a real
-`monailabel start_server` (127.0.0.1) returns, for an image posted to /infer/<model> with an HTTP client,
-a label in the image's geometry that matches the bundle's own inference and the sample label.
+"""MONAI Label: every segmentation model of the bundles (each bundle variant whose metadata declares a
+segmentation output, e.g. DCRM-ViT's `_seg` variant) loads in the app shipped in medpeft_monai/label_app,
+and a real `monailabel start_server` (127.0.0.1) returns, for an image posted to /infer/<model> with an
+HTTP client, a label in the image's geometry that matches the bundle's own inference and the sample label.
 
 Needs the `label` extra (`pip install -e ".[dev,label]"`); without it these tests skip and say so."""
 
@@ -15,36 +16,35 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import BUNDLES, ROOT, copy_bundle, free_port, run_bundle, running_server
+from medpeft_monai.utils import BundleVariant, bundle_variants
+from tests.conftest import BUNDLES, ROOT, copy_bundle, free_port, perturb_trainable, run_bundle, running_server
 
 APP = ROOT / "medpeft_monai" / "label_app"
 TINY_BUNDLE = "lora_segmentation"
+DCRM_SEG = "dcrm_vit_multidomain_seg"  # a variant (inference_seg.json, metadata_seg.json, model_seg.pt)
 SKIP_REASON = 'MONAI Label is not installed: install the label extra, pip install -e ".[dev,label]" (the README does)'
 
 
-def is_segmentation(bundle: Path) -> bool:
-    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
-    return next(iter(meta["network_data_format"]["outputs"].values())).get("format") == "segmentation"
-
-
-SEG_BUNDLES = [b for b in BUNDLES if is_segmentation(b)]
+SEG_MODELS = [v for b in BUNDLES for v in bundle_variants(b) if v.output_format() == "segmentation"]
 
 
 def require_monailabel():
     pytest.importorskip("monailabel", reason=SKIP_REASON)
 
 
-def test_segmentation_bundles_exist():
-    assert TINY_BUNDLE in [b.name for b in SEG_BUNDLES]
+def test_segmentation_models_exist():
+    assert {TINY_BUNDLE, "dka_segmentation", DCRM_SEG} <= {v.name for v in SEG_MODELS}
+    # DCRM-ViT's classification model has no segmentation output and is not served
+    assert "dcrm_vit_multidomain" not in {v.name for v in SEG_MODELS}
 
 
-@pytest.mark.parametrize("bundle", SEG_BUNDLES, ids=lambda p: p.name)
-def test_readme_documents_monai_label_slicer_and_ohif(bundle):
-    text = (bundle / "docs" / "README.md").read_text()
-    assert "## MONAI Label" in text, f"{bundle.name}/docs/README.md needs a '## MONAI Label' section"
+@pytest.mark.parametrize("variant", SEG_MODELS, ids=lambda v: v.name)
+def test_readme_documents_monai_label_slicer_and_ohif(variant):
+    text = (variant.bundle / "docs" / "README.md").read_text()
+    assert "## MONAI Label" in text, f"{variant.bundle.name}/docs/README.md needs a '## MONAI Label' section"
     section = text.split("## MONAI Label", 1)[1].split("\n## ", 1)[0]
-    for needle in ("monailabel start_server", "medpeft_monai/label_app", "3D Slicer", "OHIF"):
-        assert needle in section, f"{bundle.name}: MONAI Label section does not mention {needle!r}"
+    for needle in ("monailabel start_server", "medpeft_monai/label_app", "3D Slicer", "OHIF", variant.name):
+        assert needle in section, f"{variant.bundle.name}: MONAI Label section does not mention {needle!r}"
 
 
 def load_app_module():
@@ -57,31 +57,42 @@ def load_app_module():
     return module
 
 
-@pytest.mark.parametrize("bundle", SEG_BUNDLES, ids=lambda p: p.name)
-def test_bundle_loads_and_infers_in_monailabel_app(bundle, tmp_path):
-    """The app registers the bundle through MONAI Label's BundleInferTask (strict weight loading) and
-    returns a label on the input image's grid and affine (in-process, untrained weights)."""
-    require_monailabel()
+def save_untrained(variant: BundleVariant, **overrides):
+    """Write ``models/model<suffix>.pt`` of the variant's ``network_def`` (trainable weights perturbed)."""
     from monai.bundle import ConfigParser
 
+    parser = ConfigParser()
+    parser.read_config(str(variant.config("inference")))
+    for k, v in overrides.items():
+        parser[k] = v
+    net = perturb_trainable(parser.get_parsed_content("network_def", lazy=False))
+    variant.model_file.parent.mkdir(exist_ok=True)
+    torch.save(net.state_dict(), variant.model_file)
+    return parser
+
+
+@pytest.mark.parametrize("variant", SEG_MODELS, ids=lambda v: v.name)
+def test_bundle_loads_and_infers_in_monailabel_app(variant, tmp_path):
+    """The app registers the model through MONAI Label's BundleInferTask (strict weight loading) and
+    returns a label on the input image's grid and affine (in-process, untrained weights)."""
+    require_monailabel()
     from medpeft_monai.data import load_datalist
 
     label_app = load_app_module()
-    copy = copy_bundle(bundle.name, tmp_path / "bundles")
-    assert bundle.name in label_app.segmentation_bundles(tmp_path / "bundles")
+    copy = BundleVariant(copy_bundle(variant.bundle.name, tmp_path / "bundles"), variant.suffix)
+    assert label_app.segmentation_models(tmp_path / "bundles")[variant.name] == copy
+    parser = save_untrained(copy)
+    # another variant's weights in the same folder are not offered
+    (copy.bundle / "models" / "model_other.pt").write_bytes(b"")
 
-    parser = ConfigParser()
-    parser.read_config(str(copy / "configs" / "inference.json"))
-    net = parser.get_parsed_content("network_def", lazy=False)
-    (copy / "models").mkdir()
-    torch.save(net.state_dict(), copy / "models" / "model.pt")
-
-    task = label_app.SegmentationBundleInfer(str(copy), {})
+    task = label_app.SegmentationBundleInfer(copy, {})
     assert task.is_valid()
-    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert task.bundle_config_path == str(copy.config("inference"))
+    meta = json.loads(variant.metadata.read_text())
     channels = next(iter(meta["network_data_format"]["outputs"].values()))["channel_def"]
     assert task.labels == {v.lower(): int(k) for k, v in channels.items() if v.lower() != "background"}
-    assert task.info()["config"]["model_filename"] == ["model.pt"]  # adapter.pt is not a full checkpoint
+    # only this variant's full checkpoint (adapter.pt is not one)
+    assert task.info()["config"]["model_filename"] == [copy.model_file.name]
 
     image = load_datalist(parser.get_parsed_content("datalist"), "test")[0]["image"]
     result_file, _ = task({"image": image, "device": "cpu"})
@@ -111,19 +122,29 @@ def _dice(pred: np.ndarray, ref: np.ndarray, classes) -> float:
     return float(np.mean(scores))
 
 
-@pytest.fixture
-def trained_tiny_bundle(tmp_path):
-    """A copy of the tiny bundle with a 2-block ViT preset in train.json and inference.json, trained briefly."""
-    require_monailabel()
-    bundles = tmp_path / "bundles"
-    bundle = copy_bundle(TINY_BUNDLE, bundles)
-    for name in ("train.json", "inference.json"):
+def tiny_preset(bundle: Path, *configs: str) -> None:
+    """Give ``configs`` of a bundle copy a 2-block ViT."""
+    for name in configs:
         cfg = json.loads((bundle / "configs" / name).read_text())
         cfg["backbone_kwargs"] = {"depth": 2}
         (bundle / "configs" / name).write_text(json.dumps(cfg, indent=4))
+
+
+@pytest.fixture
+def trained_tiny_bundle(tmp_path):
+    """Bundle copies with a 2-block ViT preset: the tiny bundle, trained briefly, and the DCRM-ViT
+    segmentation variant with untrained weights; both ran their own inference config."""
+    require_monailabel()
+    bundles = tmp_path / "bundles"
+    bundle = copy_bundle(TINY_BUNDLE, bundles)
+    tiny_preset(bundle, "train.json", "inference.json")
     run_bundle(bundle, ["train.json"], "--epochs", "8", "--learning_rate", "0.005", "--batch_size", "2", timeout=900)
-    # the bundle's own predictions for its test images, to compare with what MONAI Label returns
+    # the bundles' own predictions for their test images, to compare with what MONAI Label returns
     run_bundle(bundle, ["inference.json"], timeout=900)
+    dcrm = copy_bundle("dcrm_vit_multidomain", bundles)
+    tiny_preset(dcrm, "inference_seg.json")
+    save_untrained(BundleVariant(dcrm, "_seg"))
+    run_bundle(dcrm, ["inference_seg.json"], timeout=900)
     return bundles
 
 
@@ -139,7 +160,7 @@ def label_server(trained_tiny_bundle, tmp_path):
     env = dict(os.environ, MONAI_LABEL_SESSION_PATH=str(tmp_path / "sessions"),
                MONAI_LABEL_DATASTORE_AUTO_RELOAD="false")
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
-           "--conf", "bundles", str(trained_tiny_bundle), "--conf", "models", TINY_BUNDLE,
+           "--conf", "bundles", str(trained_tiny_bundle), "--conf", "models", f"{TINY_BUNDLE},{DCRM_SEG}",
            "--host", "127.0.0.1", "--port", str(port)]
     import requests
 
@@ -192,3 +213,21 @@ def test_monailabel_server_infers_with_image_geometry(label_server, trained_tiny
         assert dice > 0.3, f"mean grey/white matter Dice {dice:.3f} against the sample label"
         if ref_pred is not None:  # same model, same pre/post-processing as `monai.bundle run inference.json`
             assert _dice(pred, ref_pred.reshape(pred.shape), (0, 1, 2)) > 0.99
+
+    # a bundle variant: DCRM-ViT's segmentation model (inference_seg.json, model_seg.pt), on a PNG
+    assert "dcrm_vit_multidomain" not in info["models"]  # the classification model is not served
+    model = info["models"][DCRM_SEG]
+    assert model["type"] == "segmentation" and model["dimension"] == 2 and model["labels"] == {"lesion": 1}
+    data = Path(sample_dataset("ultrasound_lesion"))
+    item = json.loads((data / "datalist.json").read_text())["test"][0]
+    image_path = data / item["image"]
+    with open(image_path, "rb") as f:
+        res = requests.post(f"{url}/infer/{DCRM_SEG}", params={"output": "image"},
+                            files={"file": (image_path.name, f, "application/octet-stream")}, timeout=300)
+    assert res.status_code == 200, res.text[:2000]
+    out = tmp_path / f"pred_{image_path.name}"
+    out.write_bytes(res.content)
+    (pred_shape, _, pred), (src_shape, _, _) = read_grid(out), read_grid(image_path)
+    assert pred_shape == src_shape and set(np.unique(pred)) <= {0, 1}
+    own = read_grid(trained_tiny_bundle / "dcrm_vit_multidomain" / "eval" / "seg" / f"{image_path.stem}_seg.png")[2]
+    assert np.mean(pred == own) > 0.99  # the same labels as `monai.bundle run inference_seg.json`

@@ -14,7 +14,14 @@ from monai.transforms import SaveImage
 from monai.utils.enums import CommonKeys as Keys
 
 from medpeft_monai.handlers import PredictionWriter
-from medpeft_monai.utils import AtomicNibabelWriter, atomic_path, write_csv_atomic, write_text_atomic
+from medpeft_monai.utils import (
+    AtomicNibabelWriter,
+    BundleVariant,
+    atomic_path,
+    bundle_variants,
+    write_csv_atomic,
+    write_text_atomic,
+)
 
 
 def test_atomic_path_replaces_only_on_success(tmp_path):
@@ -129,3 +136,22 @@ def test_atomic_metrics_saver_keeps_old_reports_on_failure(tmp_path, monkeypatch
     monkeypatch.setattr(ms, "write_metrics_reports", real)
     saver(engine)
     assert "0.5" in (tmp_path / "metrics.csv").read_text()
+
+
+def test_bundle_variants_share_a_suffix(tmp_path):
+    bundle = tmp_path / "my_bundle"
+    (bundle / "configs").mkdir(parents=True)
+    for name in ("inference.json", "inference_seg.json", "train.json", "train_seg.json", "metadata.json",
+                 "metadata_seg.json", "logging.conf"):
+        (bundle / "configs" / name).write_text("{}")
+    main, seg = bundle_variants(bundle)  # one per inference config, the main one first
+    assert (main, seg) == (BundleVariant(bundle, ""), BundleVariant(bundle, "_seg"))
+    assert (main.name, seg.name) == ("my_bundle", "my_bundle_seg")
+    assert seg.config("train") == bundle / "configs" / "train_seg.json"
+    assert (seg.model_file.name, seg.adapter_file.name) == ("model_seg.pt", "adapter_seg.pt")
+    assert (main.metadata.name, seg.metadata.name) == ("metadata.json", "metadata_seg.json")
+    (bundle / "configs" / "metadata_seg.json").unlink()  # a variant without its own metadata uses the bundle's
+    assert seg.metadata.name == "metadata.json"
+    (bundle / "configs" / "metadata.json").write_text(
+        '{"network_data_format": {"outputs": {"pred": {"format": "segmentation"}}}}')
+    assert seg.output_format() == "segmentation"

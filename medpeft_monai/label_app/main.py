@@ -1,23 +1,26 @@
-"""MONAI Label app that serves every trained segmentation bundle of this project.
+"""MONAI Label app that serves every trained segmentation model of this project's bundles.
 
 Start it from the repository root (needs ``pip install -e ".[label]"``)::
 
     monailabel start_server --app medpeft_monai/label_app --studies /path/to/images \\
         --conf bundles bundles --host 127.0.0.1 --port 8000
 
-Each bundle under ``--conf bundles <folder>`` (default: the ``bundles/`` folder of this checkout)
-whose ``configs/metadata.json`` declares a ``segmentation`` output and that has a trained
-``models/model.pt`` becomes the MONAI Label model ``<bundle name>`` (``POST /infer/<bundle name>``;
-listed by ``GET /info/``). MONAI Label's own ``BundleInferTask`` runs it with the bundle's
-``inference.json`` (``network_def``, ``preprocessing``, ``inferer``, ``postprocessing``; the
-``SaveImaged`` step is left out and the label is written in the input image's geometry). 2D bundles
-return a 2D NIfTI label with the image's affine (MONAI Label's default writer would keep the
-channel axis and drop the affine of 2D images; see ``SegmentationBundleInfer.writer``).
+Each bundle variant (:class:`medpeft_monai.utils.BundleVariant`: ``configs/inference<suffix>.json``,
+``configs/metadata<suffix>.json`` or ``metadata.json``, ``models/model<suffix>.pt``) under ``--conf bundles
+<folder>`` (default: the ``bundles/`` folder of this checkout) whose metadata declares a ``segmentation``
+output and that has trained weights becomes the MONAI Label model ``<bundle name><suffix>``
+(``POST /infer/<model>``; listed by ``GET /info/``): ``lora_segmentation``, ``dka_segmentation`` and
+``dcrm_vit_multidomain_seg`` (the segmentation variant of DCRM-ViT; its classification model is not
+served). MONAI Label's own ``BundleInferTask`` runs it with the variant's inference config
+(``network_def``, ``preprocessing``, ``inferer``, ``postprocessing``; the ``SaveImaged`` step is left out
+and the label is written in the input image's geometry). 2D models return a 2D NIfTI label with the
+image's affine (MONAI Label's default writer would keep the channel axis and drop the affine of 2D
+images; see ``SegmentationBundleInfer.writer``).
 
 Options (``--conf <key> <value>``):
     bundles: folder holding the bundles (default: ``bundles/`` next to the installed package, else
         ``./bundles``).
-    models: comma-separated bundle names to serve, or ``all`` (default).
+    models: comma-separated model names to serve, or ``all`` (default).
     preload: ``true`` to build the networks at start-up instead of on the first request.
 
 ``monailabel start_server`` creates ``model/``, ``lib/``, ``logs/`` and ``bin/`` folders inside the
@@ -26,7 +29,6 @@ app folder; they hold nothing this app needs.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -42,8 +44,10 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
-from monailabel.tasks.infer.bundle import BundleInferTask
+from monailabel.tasks.infer.bundle import BundleConstants, BundleInferTask
 from monailabel.utils.others.generic import file_ext
+
+from medpeft_monai.utils import BundleVariant, bundle_variants
 
 logger = logging.getLogger(__name__)
 
@@ -55,30 +59,45 @@ def default_bundles_dir() -> Path:
     return repo if repo.is_dir() else Path.cwd() / "bundles"
 
 
-def segmentation_bundles(bundles_dir: str | os.PathLike, names: str = "all") -> dict[str, Path]:
-    """Bundles (name -> folder) that declare a segmentation output; ``names`` filters by name."""
+def segmentation_models(bundles_dir: str | os.PathLike, names: str = "all") -> dict[str, BundleVariant]:
+    """Bundle variants (model name -> variant) whose metadata declares a segmentation output; ``names``
+    (comma-separated model names, or ``all``) filters them."""
     root = Path(bundles_dir).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"Bundles folder not found: {root}. Pass --conf bundles <folder with bundles>.")
     wanted = None if names.strip().lower() == "all" else {n.strip() for n in names.split(",") if n.strip()}
     found = {}
     for folder in sorted(p for p in root.iterdir() if (p / "configs" / "metadata.json").is_file()):
-        if wanted is not None and folder.name not in wanted:
-            continue
-        meta = json.loads((folder / "configs" / "metadata.json").read_text())
-        outputs = meta.get("network_data_format", {}).get("outputs", {})
-        first = next(iter(outputs.values()), {})
-        if first.get("format") != "segmentation":
-            logger.info(f"--- {folder.name}: not a segmentation bundle, not served")
-            continue
-        if not (folder / "configs" / "inference.json").is_file():
-            logger.warning(f"--- {folder.name}: no configs/inference.json, not served")
-            continue
-        found[folder.name] = folder
+        for variant in bundle_variants(folder):
+            if wanted is not None and variant.name not in wanted:
+                continue
+            if variant.output_format() != "segmentation":
+                logger.info(f"--- {variant.name}: not a segmentation model, not served")
+                continue
+            found[variant.name] = variant
     if wanted is not None and wanted - set(found):
-        raise ValueError(f"Requested bundles {sorted(wanted - set(found))} are not segmentation bundles in {root}; "
-                         f"available: {sorted(found)}.")
+        raise ValueError(f"Requested models {sorted(wanted - set(found))} are not segmentation models of the bundles "
+                         f"in {root}; available: {sorted(found)}.")
     return found
+
+
+class VariantConstants(BundleConstants):
+    """MONAI Label's bundle file names, pointed at one variant's inference config, metadata and weights."""
+
+    def __init__(self, variant: BundleVariant) -> None:
+        self.variant = variant
+
+    def configs(self) -> list[str]:
+        return [self.variant.config("inference").name]
+
+    def metadata_json(self) -> str:
+        return self.variant.metadata.name
+
+    def model_pytorch(self) -> str:
+        return self.variant.model_file.name
+
+    def model_torchscript(self) -> str:
+        return self.variant.model_file.with_suffix(".ts").name
 
 
 def _drop_channel(x):
@@ -86,15 +105,17 @@ def _drop_channel(x):
 
 
 class SegmentationBundleInfer(BundleInferTask):
-    """``BundleInferTask`` that loads ``models/model.pt`` strictly and writes 2D labels with their affine.
+    """``BundleInferTask`` for one bundle variant: loads its ``models/model<suffix>.pt`` strictly and writes
+    2D labels with their affine.
 
-    Only ``model.pt`` is offered as model file (``adapter.pt`` beside it is not a full checkpoint).
+    Only that file is offered as model file (``adapter<suffix>.pt`` and other variants' weights are not).
     """
 
-    def __init__(self, path: str, conf: dict[str, str]) -> None:
-        super().__init__(path, conf, type="segmentation", load_strict=True)
+    def __init__(self, variant: BundleVariant, conf: dict[str, str]) -> None:
+        super().__init__(str(variant.bundle), conf, const=VariantConstants(variant), type="segmentation",
+                         load_strict=True)
         if self.is_valid():
-            self._config["model_filename"] = ["model.pt"]
+            self._config["model_filename"] = [variant.model_file.name]
 
     def post_transforms(self, data=None):
         post = list(super().post_transforms(data))
@@ -124,11 +145,11 @@ class SegmentationBundleInfer(BundleInferTask):
 
 
 class MyApp(MONAILabelApp):
-    """Serves the project's segmentation bundles through MONAI Label's ``BundleInferTask``."""
+    """Serves the segmentation models of the project's bundles through MONAI Label's ``BundleInferTask``."""
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         self.bundles_dir = Path(conf.get("bundles") or default_bundles_dir())
-        self.bundles = segmentation_bundles(self.bundles_dir, conf.get("models", "all"))
+        self.models = segmentation_models(self.bundles_dir, conf.get("models", "all"))
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -140,19 +161,19 @@ class MyApp(MONAILabelApp):
 
     def init_infers(self) -> dict[str, InferTask]:
         infers: dict[str, InferTask] = {}
-        for name, folder in self.bundles.items():
-            if not (folder / "models" / "model.pt").is_file():
-                logger.warning(f"--- {name}: no models/model.pt; train it first: python -m monai.bundle run "
-                               f"--config_file {folder}/configs/train.json --bundle_root {folder}")
+        for name, variant in self.models.items():
+            if not variant.model_file.is_file():
+                logger.warning(f"--- {name}: no {variant.model_file}; train it first: python -m monai.bundle run "
+                               f"--config_file {variant.config('train')} --bundle_root {variant.bundle}")
                 continue
-            task = SegmentationBundleInfer(str(folder), self.conf)
+            task = SegmentationBundleInfer(variant, self.conf)
             if not task.is_valid():
                 logger.warning(f"--- {name}: MONAI Label could not load the bundle, not served")
                 continue
-            logger.info(f"+++ Adding inferer {name} => {folder}")
+            logger.info(f"+++ Adding inferer {name} => {variant.config('inference')}")
             infers[name] = task
         if not infers:
-            logger.warning(f"No trained segmentation bundle found under {self.bundles_dir}.")
+            logger.warning(f"No trained segmentation model found under {self.bundles_dir}.")
         return infers
 
     def init_strategies(self) -> dict[str, Strategy]:
