@@ -26,6 +26,7 @@ __all__ = [
     "AtomicPILWriter",
     "BundleVariant",
     "atomic_path",
+    "bundle_folders",
     "bundle_variants",
     "require_file",
     "write_csv_atomic",
@@ -131,6 +132,11 @@ class BundleVariant:
         meta = json.loads(self.metadata.read_text())
         outputs = meta.get("network_data_format", {}).get("outputs", {})
         return next(iter(outputs.values()), {}).get("format")
+
+
+def bundle_folders(root: str | os.PathLike) -> list[Path]:
+    """The bundles under ``root``: its sub-folders that hold ``configs/metadata.json``, sorted by name."""
+    return sorted(p for p in Path(root).iterdir() if (p / "configs" / "metadata.json").is_file())
 
 
 def bundle_variants(bundle: str | os.PathLike) -> list[BundleVariant]:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from medpeft_monai.utils import bundle_variants, write_text_atomic
+from medpeft_monai.utils import bundle_folders, bundle_variants, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_SCALE = {"backbone": "vit_base_patch16_224", "image_size": [224, 224], "backbone_kwargs": {}}
@@ -73,7 +73,7 @@ def table(overrides: dict, bundles_dir: Path) -> tuple[str, list[dict]]:
         "| adapter / model |",
         "|---|---|---|---:|---:|---:|---:|",
     ]
-    for bundle in sorted(p for p in bundles_dir.iterdir() if (p / "configs" / "metadata.json").is_file()):
+    for bundle in bundle_folders(bundles_dir):
         for variant in bundle_variants(bundle):
             task = variant.name
             try:
@@ -94,7 +94,7 @@ def table(overrides: dict, bundles_dir: Path) -> tuple[str, list[dict]]:
 
 def trained_files(bundles_dir: Path) -> str:
     lines = []
-    for bundle in sorted(p for p in bundles_dir.iterdir() if (p / "configs" / "metadata.json").is_file()):
+    for bundle in bundle_folders(bundles_dir):
         for variant in bundle_variants(bundle):
             adapter, model = variant.adapter_file, variant.model_file
             if adapter.is_file() and model.is_file():

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medpeft_monai.utils import BundleVariant, bundle_variants
+from medpeft_monai.utils import BundleVariant, bundle_folders, bundle_variants
 
 TINY_VIT = ("vit_tiny_patch16_224", {"depth": 2})
 TINY_VIT4 = ("vit_tiny_patch16_224", {"depth": 4})
@@ -26,7 +26,7 @@ TINY_SWIN = ("swin_tiny_patch4_window7_224", {"depths": (1, 1, 1, 1)})
 TINY_SAM2 = ("sam2_hiera_tiny", {"stages": (1, 1, 1, 1)})
 
 ROOT = Path(__file__).resolve().parents[1]
-BUNDLES = sorted(p for p in (ROOT / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
+BUNDLES = bundle_folders(ROOT / "bundles")
 # every model the bundles train and serve: one per configs/inference<suffix>.json (e.g. DCRM-ViT's "_seg")
 VARIANTS = [v for b in BUNDLES for v in bundle_variants(b)]
 
@@ -53,6 +53,21 @@ def perturb_trainable(model: torch.nn.Module, std: float = 0.05, seed: int = 0,
             if p.requires_grad and not skip(name):
                 p.add_(torch.randn(p.shape, generator=g) * std)
     return model
+
+
+def trained_like_checkpoint(variant: BundleVariant, path: Path, **overrides) -> torch.nn.Module:
+    """``network_def`` of the variant's inference config (with ``overrides``) with its trainable (PEFT + head)
+    weights moved off their init by :func:`perturb_trainable`, saved as a flat state dict to ``path``."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(variant.config("inference")))
+    for k, v in overrides.items():
+        parser[k] = v
+    net = perturb_trainable(parser.get_parsed_content("network_def", lazy=False))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+    return net.eval()
 
 
 def example_input(bundle: Path | BundleVariant, batch: int = 2) -> torch.Tensor:

@@ -28,9 +28,15 @@ def test_metadata_verifies_offline_and_files_present(bundle):
     verify_metadata(meta_file=str(bundle / "configs" / "metadata.json"), filepath=str(SCHEMA))
     for name in ("train.json", "evaluate.json", "inference.json", "logging.conf"):
         assert (bundle / "configs" / name).is_file(), name
-    for variant in bundle_variants(bundle):  # a variant's own metadata<suffix>.json verifies too
+    variants = bundle_variants(bundle)
+    for variant in variants:  # a variant's own metadata<suffix>.json verifies too
         verify_metadata(meta_file=str(variant.metadata), filepath=str(SCHEMA))
         assert variant.config("train").is_file(), f"{variant.name}: no {variant.config('train').name}"
+    # and every training config belongs to a variant (has its inference<suffix>.json), so the per-variant
+    # tests (torchrun, MLflow, export, adapter, MONAI Label) see it
+    trains = {p.name for p in (bundle / "configs").glob("train*.json")}
+    assert trains == {v.config("train").name for v in variants}, (
+        f"{bundle.name}: every train<suffix>.json needs its inference<suffix>.json; found {sorted(trains)}")
     assert (bundle / "docs" / "README.md").is_file() and (bundle / "LICENSE").is_file()
 
 

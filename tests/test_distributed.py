@@ -13,38 +13,33 @@ import torch
 from monai.bundle import ConfigParser
 
 from medpeft_monai.distributed import backend, handlers_for_rank, is_rank_zero_only
-from tests.conftest import BUNDLES, copy_bundle, free_port
+from medpeft_monai.utils import BundleVariant
+from tests.conftest import VARIANTS, copy_bundle, free_port
 
-# every training config train<suffix>.json has its torchrun layer multi_gpu_train<suffix>.json
-TRAIN_CONFIGS = [(b, c.name) for b in BUNDLES for c in sorted((b / "configs").glob("train*.json"))]
 # DDP through its reducer (lora_segmentation) and the bi-level trainer's own gradient averaging (DCRM,
 # episode sampler for classification, DistributedSampler for the segmentation variant)
-TORCHRUN_CASES = [("lora_segmentation", "train.json"), ("dcrm_vit_multidomain", "train.json"),
-                  ("dcrm_vit_multidomain", "train_seg.json")]
+TORCHRUN_VARIANTS = [v for v in VARIANTS
+                     if v.name in ("lora_segmentation", "dcrm_vit_multidomain", "dcrm_vit_multidomain_seg")]
 
 
-def multi_gpu_name(train_config: str) -> str:
-    return "multi_gpu_" + train_config
-
-
-def _multi_gpu_parser(bundle, train_config="train.json"):
-    mg_name = multi_gpu_name(train_config)
-    mg = bundle / "configs" / mg_name
+def _multi_gpu_parser(variant):
+    """The variant's train<suffix>.json with its torchrun layer multi_gpu_train<suffix>.json merged on top."""
+    bundle, train, mg = variant.bundle, variant.config("train"), variant.config("multi_gpu_train")
     readme = (bundle / "docs" / "README.md").read_text()
     section = re.search(r"^## Multi-GPU training \(torchrun\)(.*?)(?=^## |\Z)", readme, flags=re.DOTALL | re.MULTILINE)
     assert section, f"{bundle.name}/docs/README.md needs a '## Multi-GPU training (torchrun)' section"
-    assert mg_name in section.group(1), f"{bundle.name}: the section must show the torchrun command with {mg_name}"
+    assert mg.name in section.group(1), f"{bundle.name}: the section must show the torchrun command with {mg.name}"
     assert mg.is_file(), (
-        f"{bundle.name} has no configs/{mg_name}: every training config needs one for torchrun training "
+        f"{bundle.name} has no configs/{mg.name}: every training config needs one for torchrun training "
         "(copy bundles/lora_segmentation/configs/multi_gpu_train.json; see docs/bundle_conventions.md)")
     parser = ConfigParser()
-    parser.read_config([str(bundle / "configs" / train_config), str(mg)])
+    parser.read_config([str(train), str(mg)])
     return parser
 
 
-@pytest.mark.parametrize(("bundle", "train_config"), TRAIN_CONFIGS, ids=lambda v: getattr(v, "name", v))
-def test_multi_gpu_config_follows_monai_pattern(bundle, train_config):
-    parser = _multi_gpu_parser(bundle, train_config)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
+def test_multi_gpu_config_follows_monai_pattern(variant):
+    parser = _multi_gpu_parser(variant)
     assert parser.get("network#_target_") in ("torch.nn.parallel.DistributedDataParallel", "DistributedDataParallel")
     assert "@network_def" in str(parser.get("network#module"))
     stages = ["train", "validate"]
@@ -90,18 +85,18 @@ def test_handlers_for_rank_keeps_collective_and_state_handlers():
     assert backend() == ("nccl" if torch.cuda.is_available() else "gloo")
 
 
-@pytest.mark.parametrize(("bundle_name", "train_config"), TORCHRUN_CASES)
-def test_torchrun_two_processes_gloo_cpu(tmp_path, bundle_name, train_config):
+@pytest.mark.parametrize("variant", TORCHRUN_VARIANTS, ids=lambda v: v.name)
+def test_torchrun_two_processes_gloo_cpu(tmp_path, variant):
     """Both ranks finish with identical weights. The ranks train on different data (DistributedSampler
     shards, or DomainEpisodeSampler episodes), so identical weights mean the gradients were averaged."""
-    bundle = copy_bundle(bundle_name, tmp_path)
+    bundle = copy_bundle(variant.bundle.name, tmp_path)
+    copy = BundleVariant(bundle, variant.suffix)
     # an extra config layered on top (MONAI merges config files in order): every rank saves its weights
     save_ranks = tmp_path / "save_every_rank.json"
     save_ranks.write_text(json.dumps({"finalize": [
         "$torch.save(@network.module.state_dict(), @ckpt_dir + '/rank' + str(dist.get_rank()) + '.pt')",
         "$dist.is_initialized() and dist.destroy_process_group()"]}))
-    configs = [str(bundle / "configs" / train_config), str(bundle / "configs" / multi_gpu_name(train_config)),
-               str(save_ranks)]
+    configs = [str(copy.config("train")), str(copy.config("multi_gpu_train")), str(save_ranks)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "-m", "monai.bundle", "run", "--config_file", json.dumps(configs), "--bundle_root", str(bundle),
@@ -118,11 +113,10 @@ def test_torchrun_two_processes_gloo_cpu(tmp_path, bundle_name, train_config):
     differing = [k for k in rank0 if not torch.equal(rank0[k], rank1[k])]
     assert not differing, f"ranks disagree on {differing[:5]}"
     # rank 0 wrote the usual artefacts (once): full model and adapter (model_seg.pt for train_seg.json)
-    suffix = train_config[len("train"):-len(".json")]
-    assert (models / f"model{suffix}.pt").is_file() and (models / f"adapter{suffix}.pt").is_file()
+    assert copy.model_file.is_file() and copy.adapter_file.is_file()
     # and training did change the trainable weights
     parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / train_config))
+    parser.read_config(str(copy.config("train")))
     parser["backbone_kwargs"] = {"depth": 2}
     fresh = parser.get_parsed_content("network_def", lazy=False)
     trainable = [n for n, p in fresh.named_parameters() if p.requires_grad]

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from monai.bundle import ConfigParser, ckpt_export
+from monai.bundle import ckpt_export
 from monai.data import load_net_with_metadata
 
 from medpeft_monai.utils import BundleVariant
-from tests.conftest import VARIANTS, copy_bundle, example_input, perturb_trainable
+from tests.conftest import VARIANTS, copy_bundle, example_input, trained_like_checkpoint
 
 TINY_BUNDLE = "lora_segmentation"
 NOT_SUPPORTED = "torchscript export is not supported"
@@ -25,19 +25,6 @@ def export_section(bundle: Path) -> str:
     match = re.search(r"^## Export\b(.*?)(?=^## |\Z)", text, flags=re.DOTALL | re.MULTILINE)
     assert match, f"{bundle.name}/docs/README.md needs an '## Export' section (see docs/bundle_conventions.md)"
     return match.group(1)
-
-
-def trained_like_checkpoint(variant: BundleVariant, path: Path, **overrides) -> torch.nn.Module:
-    """``network_def`` of the variant's inference config with its trainable (PEFT + head) weights moved off
-    their init."""
-    parser = ConfigParser()
-    parser.read_config(str(variant.config("inference")))
-    for k, v in overrides.items():
-        parser[k] = v
-    net = perturb_trainable(parser.get_parsed_content("network_def", lazy=False))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), path)
-    return net.eval()
 
 
 def check_reproduces(net: torch.nn.Module, ts_file: Path, x: torch.Tensor, config: str = "inference.json") -> None:

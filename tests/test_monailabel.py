@@ -14,10 +14,17 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
-from medpeft_monai.utils import BundleVariant, bundle_variants
-from tests.conftest import BUNDLES, ROOT, copy_bundle, free_port, perturb_trainable, run_bundle, running_server
+from medpeft_monai.utils import BundleVariant
+from tests.conftest import (
+    ROOT,
+    VARIANTS,
+    copy_bundle,
+    free_port,
+    run_bundle,
+    running_server,
+    trained_like_checkpoint,
+)
 
 APP = ROOT / "medpeft_monai" / "label_app"
 TINY_BUNDLE = "lora_segmentation"
@@ -25,7 +32,7 @@ DCRM_SEG = "dcrm_vit_multidomain_seg"  # a variant (inference_seg.json, metadata
 SKIP_REASON = 'MONAI Label is not installed: install the label extra, pip install -e ".[dev,label]" (the README does)'
 
 
-SEG_MODELS = [v for b in BUNDLES for v in bundle_variants(b) if v.output_format() == "segmentation"]
+SEG_MODELS = [v for v in VARIANTS if v.output_format() == "segmentation"]
 
 
 def require_monailabel():
@@ -57,31 +64,19 @@ def load_app_module():
     return module
 
 
-def save_untrained(variant: BundleVariant, **overrides):
-    """Write ``models/model<suffix>.pt`` of the variant's ``network_def`` (trainable weights perturbed)."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(variant.config("inference")))
-    for k, v in overrides.items():
-        parser[k] = v
-    net = perturb_trainable(parser.get_parsed_content("network_def", lazy=False))
-    variant.model_file.parent.mkdir(exist_ok=True)
-    torch.save(net.state_dict(), variant.model_file)
-    return parser
-
-
 @pytest.mark.parametrize("variant", SEG_MODELS, ids=lambda v: v.name)
 def test_bundle_loads_and_infers_in_monailabel_app(variant, tmp_path):
     """The app registers the model through MONAI Label's BundleInferTask (strict weight loading) and
     returns a label on the input image's grid and affine (in-process, untrained weights)."""
     require_monailabel()
+    from monai.bundle import ConfigParser
+
     from medpeft_monai.data import load_datalist
 
     label_app = load_app_module()
     copy = BundleVariant(copy_bundle(variant.bundle.name, tmp_path / "bundles"), variant.suffix)
     assert label_app.segmentation_models(tmp_path / "bundles")[variant.name] == copy
-    parser = save_untrained(copy)
+    trained_like_checkpoint(copy, copy.model_file)
     # another variant's weights in the same folder are not offered
     (copy.bundle / "models" / "model_other.pt").write_bytes(b"")
 
@@ -94,6 +89,8 @@ def test_bundle_loads_and_infers_in_monailabel_app(variant, tmp_path):
     # only this variant's full checkpoint (adapter.pt is not one)
     assert task.info()["config"]["model_filename"] == [copy.model_file.name]
 
+    parser = ConfigParser()
+    parser.read_config(str(copy.config("inference")))
     image = load_datalist(parser.get_parsed_content("datalist"), "test")[0]["image"]
     result_file, _ = task({"image": image, "device": "cpu"})
     try:
@@ -143,7 +140,8 @@ def trained_tiny_bundle(tmp_path):
     run_bundle(bundle, ["inference.json"], timeout=900)
     dcrm = copy_bundle("dcrm_vit_multidomain", bundles)
     tiny_preset(dcrm, "inference_seg.json")
-    save_untrained(BundleVariant(dcrm, "_seg"))
+    dcrm_seg = BundleVariant(dcrm, "_seg")
+    trained_like_checkpoint(dcrm_seg, dcrm_seg.model_file)
     run_bundle(dcrm, ["inference_seg.json"], timeout=900)
     return bundles
 
@@ -168,6 +166,19 @@ def label_server(trained_tiny_bundle, tmp_path):
     with running_server(cmd, url + "/info/", tmp_path / "monailabel.log", "monailabel", timeout=300, poll=1,
                         grace=30, env=env):
         yield url, requests.get(url + "/info/", timeout=5).json()
+
+
+def post_for_label(url: str, model: str, image: Path, out_dir: Path) -> Path:
+    """POST ``image`` to ``/infer/<model>?output=image`` with an HTTP client; the returned label's file."""
+    import requests
+
+    with open(image, "rb") as f:
+        res = requests.post(f"{url}/infer/{model}", params={"output": "image"},
+                            files={"file": (image.name, f, "application/octet-stream")}, timeout=300)
+    assert res.status_code == 200, res.text[:2000]
+    out = out_dir / f"pred_{image.name}"
+    out.write_bytes(res.content)
+    return out
 
 
 def test_monailabel_server_infers_with_image_geometry(label_server, trained_tiny_bundle, tmp_path):
@@ -198,13 +209,7 @@ def test_monailabel_server_infers_with_image_geometry(label_server, trained_tiny
     own = nib.load(str(trained_tiny_bundle / TINY_BUNDLE / "eval" / own_name))
     for path, ref_label, ref_pred in ((image_path, np.asarray(label.dataobj), np.asarray(own.dataobj)),
                                       (big_image, big_label, None)):
-        with open(path, "rb") as f:
-            res = requests.post(f"{url}/infer/{TINY_BUNDLE}", params={"output": "image"},
-                                files={"file": (path.name, f, "application/octet-stream")}, timeout=300)
-        assert res.status_code == 200, res.text[:2000]
-        out = tmp_path / f"pred_{path.name}"
-        out.write_bytes(res.content)
-        pred_img, src = nib.load(str(out)), nib.load(str(path))
+        pred_img, src = nib.load(str(post_for_label(url, TINY_BUNDLE, path, tmp_path))), nib.load(str(path))
         assert pred_img.shape == src.shape  # the image's grid ...
         np.testing.assert_allclose(pred_img.affine, src.affine, atol=1e-4)  # ... and its position in space
         pred = np.asarray(pred_img.dataobj)
@@ -221,12 +226,7 @@ def test_monailabel_server_infers_with_image_geometry(label_server, trained_tiny
     data = Path(sample_dataset("ultrasound_lesion"))
     item = json.loads((data / "datalist.json").read_text())["test"][0]
     image_path = data / item["image"]
-    with open(image_path, "rb") as f:
-        res = requests.post(f"{url}/infer/{DCRM_SEG}", params={"output": "image"},
-                            files={"file": (image_path.name, f, "application/octet-stream")}, timeout=300)
-    assert res.status_code == 200, res.text[:2000]
-    out = tmp_path / f"pred_{image_path.name}"
-    out.write_bytes(res.content)
+    out = post_for_label(url, DCRM_SEG, image_path, tmp_path)
     (pred_shape, _, pred), (src_shape, _, _) = read_grid(out), read_grid(image_path)
     assert pred_shape == src_shape and set(np.unique(pred)) <= {0, 1}
     own = read_grid(trained_tiny_bundle / "dcrm_vit_multidomain" / "eval" / "seg" / f"{image_path.stem}_seg.png")[2]

@@ -18,6 +18,7 @@ from medpeft_monai.utils import (
     AtomicNibabelWriter,
     BundleVariant,
     atomic_path,
+    bundle_folders,
     bundle_variants,
     write_csv_atomic,
     write_text_atomic,
@@ -144,6 +145,8 @@ def test_bundle_variants_share_a_suffix(tmp_path):
     for name in ("inference.json", "inference_seg.json", "train.json", "train_seg.json", "metadata.json",
                  "metadata_seg.json", "logging.conf"):
         (bundle / "configs" / name).write_text("{}")
+    (tmp_path / "not_a_bundle").mkdir()  # no configs/metadata.json
+    assert bundle_folders(tmp_path) == [bundle]
     main, seg = bundle_variants(bundle)  # one per inference config, the main one first
     assert (main, seg) == (BundleVariant(bundle, ""), BundleVariant(bundle, "_seg"))
     assert (main.name, seg.name) == ("my_bundle", "my_bundle_seg")

@@ -47,7 +47,7 @@ from monailabel.tasks.activelearning.random import Random
 from monailabel.tasks.infer.bundle import BundleConstants, BundleInferTask
 from monailabel.utils.others.generic import file_ext
 
-from medpeft_monai.utils import BundleVariant, bundle_variants
+from medpeft_monai.utils import BundleVariant, bundle_folders, bundle_variants
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def segmentation_models(bundles_dir: str | os.PathLike, names: str = "all") -> d
         raise FileNotFoundError(f"Bundles folder not found: {root}. Pass --conf bundles <folder with bundles>.")
     wanted = None if names.strip().lower() == "all" else {n.strip() for n in names.split(",") if n.strip()}
     found = {}
-    for folder in sorted(p for p in root.iterdir() if (p / "configs" / "metadata.json").is_file()):
+    for folder in bundle_folders(root):
         for variant in bundle_variants(folder):
             if wanted is not None and variant.name not in wanted:
                 continue
