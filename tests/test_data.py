@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import nibabel as nib
@@ -82,7 +83,8 @@ def test_builder_writes_complete_dataset(data_root, name):
         else ("Source", "Licence", "How it was made", "Limits")
     ):
         assert word.lower() in card.lower(), f"{name} card lacks {word}"
-    if name in ("fundus_disc_cup", "ultrasound_lesion", "multiseq_mri"):
+    simulated = ("fundus_disc_cup", "ultrasound_lesion", "multiseq_mri")
+    if name in simulated + ("multidomain_lesion", "multidomain_segmentation"):
         assert "SIMULATED" in card
     data = _sections(folder)
     assert data["name"] == name
@@ -300,6 +302,128 @@ def test_multiseq_mri(data_root):
     assert flair[lab].mean() > flair[wm].mean() and t2[lab].mean() > t2[wm].mean()
     single = segmentation_transforms("eval", keys=("flair", "label"))(item)
     assert single["flair"].shape == (1, 64, 64)
+
+
+def _assert_disjoint_regions(sources) -> None:
+    """A source file used by several splits only feeds them from disjoint regions of the image or from
+    disjoint frame ranges ("file#a-b": frames a..b, "file#k": frame k, "file": every frame)."""
+    by_file: dict = {}
+    for split, src, box in sources:
+        file, _, frames = src.partition("#")
+        lo, _, hi = frames.partition("-")
+        span = (int(lo), int(hi or lo)) if frames else (0, 10**9)
+        by_file.setdefault(file, []).append((split, box, span))
+    for uses in by_file.values():
+        for i, (s1, b1, f1) in enumerate(uses):
+            for s2, b2, f2 in uses[i + 1 :]:
+                if s1 != s2:
+                    regions = min(b1[1], b2[1]) > max(b1[0], b2[0]) and min(b1[3], b2[3]) > max(b1[2], b2[2])
+                    assert not (regions and min(f1[1], f2[1]) >= max(f1[0], f2[0])), (s1, s2, b1, b2, f1, f2)
+
+
+def _mri_slices(items) -> set:
+    return {int(i["source"].split("z=")[1]) for i in items if i["domain"] == "mri"}
+
+
+def test_multidomain_lesion(data_root):
+    folder = data_root / "multidomain_lesion"
+    dl = folder / "datalist.json"
+    data = _sections(folder)
+    assert data["classes"] == ["normal", "lesion"]
+    assert len(data["domains"]) >= 4 and {"ct", "mri", "ultrasound", "fundus", "natural"} <= set(data["domains"])
+    splits = {k: load_datalist(dl, k) for k in ("training", "validation", "test")}
+    seen = set()
+    for key, n in {"training": 12, "validation": 4, "test": 6}.items():
+        items = splits[key]
+        cells = Counter((i["domain"], i["label"]) for i in items)
+        assert cells == {(d, c): n for d in data["domains"] for c in (0, 1)}  # every cell, balanced
+        # class is not given away by the domain, nor by the source file within a domain
+        by_file = Counter((i["source"].split("#")[0].split(" z=")[0], i["label"]) for i in items)
+        assert all(by_file[(f, 0)] == by_file[(f, 1)] for f, _ in by_file)
+        for item in items:
+            assert data["domains"][item["domain_id"]] == item["domain"] and item["label"] in (0, 1)
+            img = _read(item["image"])
+            assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+            seen.add(img.tobytes())
+    assert len(seen) == sum(len(v) for v in splits.values())  # no image twice, within or across splits
+    for domain in data["domains"]:
+        for key in ("training", "test"):
+            assert {i["label"] for i in splits[key] if i["domain"] == domain} == {0, 1}
+    # splits never share a source region or frame, nor an MNI slice
+    _assert_disjoint_regions([(s, src, box) for s, d, src, box in sd._MDL_SOURCES if d != "mri"])
+    z = {k: _mri_slices(v) for k, v in splits.items()}
+    assert not (z["training"] & z["test"] or z["training"] & z["validation"] or z["validation"] & z["test"])
+    card = (folder / "DATA_CARD.md").read_text()
+    assert "simulated" in card.lower() and "independent" in card
+    assert "| ct | 0 normal | 12 | 4 | 6 |" in card and "| natural | 1 lesion | 12 | 4 | 6 |" in card
+    out = classification_transforms("eval", image_size=(64, 64))(splits["test"][0])
+    assert out["image"].shape == (3, 64, 64) and int(out["label"]) == splits["test"][0]["label"]
+
+
+@pytest.mark.parametrize("domain", sd._MDL_DOMAINS)
+def test_multidomain_lesion_is_focal(domain):
+    """The inserted lesion changes one compact spot of the image, sized as the data card says."""
+    rng = np.random.default_rng(0)
+    if domain == "ct":
+        crop, window = np.full((64, 64), 40.0), sd._CT_SOFT
+    elif domain == "mri":
+        crop, window = np.stack([np.full((64, 64), 0.8), np.zeros((64, 64)), np.ones((64, 64))], -1), None
+    elif domain == "ultrasound":
+        crop, window = np.full((64, 64), 0.5), None
+    else:
+        crop, window = np.full((64, 64, 3), 0.5), None
+    for _ in range(5):
+        out = sd._mdl_insert(domain, crop.copy(), rng, window)
+        changed = np.abs(np.asarray(out, float) - crop).reshape(64, 64, -1).max(-1) > 1e-3 * np.abs(crop).max()
+        if domain == "ultrasound":  # the posterior enhancement below the lesion changes pixels too
+            assert 6 <= changed.sum() <= 0.5 * changed.size
+        else:
+            assert 6 <= changed.sum() <= 400
+        rows, cols = np.nonzero(changed)
+        assert np.ptp(cols) < 24 and (domain == "ultrasound" or np.ptp(rows) < 24)
+
+
+def test_multidomain_segmentation(data_root):
+    folder = data_root / "multidomain_segmentation"
+    dl = folder / "datalist.json"
+    data = _sections(folder)
+    assert data["classes"] == ["background", "foreground"]
+    assert data["domains"] == ["ultrasound", "ct", "mri"] and set(data["foreground_by_domain"]) == set(data["domains"])
+    splits = {k: load_datalist(dl, k) for k in ("training", "validation", "test")}
+    inside, outside = Counter(), Counter()
+    for key, n in {"training": 12, "validation": 4, "test": 6}.items():
+        assert Counter(i["domain"] for i in splits[key]) == {d: n for d in data["domains"]}
+        for item in splits[key]:
+            assert data["domains"][item["domain_id"]] == item["domain"]
+            img, lab = _read(item["image"]), _read(item["label"])
+            assert img.shape == lab.shape == (64, 64) and img.dtype == lab.dtype == np.uint8
+            assert set(np.unique(lab)) == {0, 1} and 0.02 <= lab.mean() <= 0.6, item["label"]
+            tissue = (lab == 0) & (img > 25)
+            inside[item["domain"]] += img[lab == 1].mean() > img[tissue].mean()
+            outside[item["domain"]] += 1
+    # the foreground is a different structure per domain: a hypoechoic lesion (darker than the tissue around),
+    # bone (the brightest CT structure), white matter (brighter than grey matter on T1)
+    assert inside["ultrasound"] == 0 and inside["ct"] == outside["ct"] and inside["mri"] == outside["mri"]
+    _assert_disjoint_regions(sd._MDS_CT_SOURCES)
+    z = {k: _mri_slices(v) for k, v in splits.items()}
+    assert not (z["training"] & z["test"] or z["training"] & z["validation"] or z["validation"] & z["test"])
+    ct_files = {k: {i["source"] for i in v if i["domain"] == "ct"} for k, v in splits.items()}
+    assert ct_files["validation"].isdisjoint(ct_files["training"] | ct_files["test"])
+    card = (folder / "DATA_CARD.md").read_text()
+    assert "simulated" in card.lower() and "| ct | 12 | 4 | 6 |" in card
+    out = segmentation_transforms("eval", image_size=(64, 64))(splits["training"][0])
+    assert out["image"].shape == (1, 64, 64) and out["label"].shape == (1, 64, 64)
+
+
+def test_multidomain_views_read_only_their_region():
+    """Crops of a region never read a pixel outside it, at any rotation, mirror or scale."""
+    img = np.full((100, 120, 2), np.nan, np.float32)
+    img[20:80, 30:90] = 1.0
+    box = (0.2, 0.8, 0.25, 0.75)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        view = sd._draw_view(img.shape, box, rng, (0.2, 1.0), 30.0, True)
+        assert np.isfinite(sd._sample_view(img, box, view, 16)).all()
 
 
 # ------------------------------------------------------------------ datalist reading and writing

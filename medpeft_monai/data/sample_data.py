@@ -137,16 +137,17 @@ def _crop2d(vol: np.ndarray, z: int, x0: int, y0: int, side: int) -> np.ndarray:
 _BLOCK_ROLES = ("training", "validation", "training", "test", "training", "training")
 
 
-def _slice_plan(per_block: int = 4) -> list[tuple[int, str]]:
-    """Axial slices (z index, split): the z range where the brain is large is cut into 6 blocks
-    (roles train, val, train, test, train, train); each block gives ``per_block`` slices with a
-    margin at both ends, so slices of different splits are further apart than slices of one split."""
+def _slice_plan(per_block: int = 4, roles: tuple[str, ...] = _BLOCK_ROLES) -> list[tuple[int, str]]:
+    """Axial slices (z index, split): the z range where the brain is large is cut into ``len(roles)``
+    blocks (default 6: roles train, val, train, test, train, train); each block gives ``per_block``
+    slices with a margin at both ends, so slices of different splits are further apart than slices
+    of one split."""
     area = _mni()["mask"].sum(axis=(0, 1))
     zs = np.nonzero(area >= 0.4 * area.max())[0]
     z0, z1 = int(zs[0]), int(zs[-1]) + 1
-    block = (z1 - z0) / len(_BLOCK_ROLES)
+    block = (z1 - z0) / len(roles)
     plan = []
-    for b, role in enumerate(_BLOCK_ROLES):
+    for b, role in enumerate(roles):
         for j in range(per_block):
             plan.append((round(z0 + b * block + (j + 1) * block / (per_block + 1)), role))
     return plan
@@ -386,32 +387,27 @@ def _first(v) -> float:
     return float(v[0])
 
 
-def _dicom_first_frame(ds) -> np.ndarray:
-    """First frame of the pixel data, colour data as RGB, on pydicom 3 and on pydicom 2 (the version MONAI
-    Label's ``label`` extra pins)."""
+def _dicom_first_frame(ds, index: int = 0) -> np.ndarray:
+    """First frame (or frame ``index``) of the pixel data, colour data as RGB, on pydicom 3 and on pydicom 2
+    (the version MONAI Label's ``label`` extra pins). pydicom 2 decodes every frame once and caches them on
+    ``ds``, so reading several frames of one dataset decodes it once."""
     multi_frame = int(getattr(ds, "NumberOfFrames", 1) or 1) > 1
     try:  # pydicom >= 3: decodes one frame and converts YBR to RGB itself
         from pydicom.pixels import pixel_array
     except ImportError:  # pydicom 2: decodes every frame and leaves JPEG YBR data as YBR
         from pydicom.pixel_data_handlers.util import convert_color_space
 
-        arr = ds.pixel_array[0] if multi_frame else ds.pixel_array
+        arr = ds.pixel_array[index] if multi_frame else ds.pixel_array
         if arr.ndim == 3 and str(ds.PhotometricInterpretation).startswith("YBR"):
             arr = convert_color_space(arr, "YBR_FULL", "RGB")
         return arr
-    return pixel_array(ds, index=0 if multi_frame else None)
+    return pixel_array(ds, index=index if multi_frame else None)
 
 
-def _load_dicom(name: str) -> np.ndarray:
-    """A pydicom test file as float RGB in [0, 1]: first frame; rescale and the file's own display
-    window (else a 0.5-99.5 percentile window); MONOCHROME1 inverted; palette colour applied."""
+def _read_dicom(name: str):
+    """The pydicom test file ``name`` as a pydicom Dataset (pydicom or pydicom-data, never downloaded)."""
     import pydicom
     from pydicom.data import get_testdata_file
-
-    try:
-        from pydicom.pixels import apply_color_lut
-    except ImportError:  # pydicom 2
-        from pydicom.pixel_data_handlers.util import apply_color_lut
 
     path = get_testdata_file(name, download=False)
     if path is None:
@@ -419,19 +415,36 @@ def _load_dicom(name: str) -> np.ndarray:
             f"pydicom test file {name!r} is not installed. Fix: pip install pydicom-data "
             "(it ships the larger pydicom test files; nothing is downloaded at run time)."
         )
-    ds = pydicom.dcmread(path)
-    arr = _dicom_first_frame(ds)
+    return pydicom.dcmread(path)
+
+
+def _dicom_rescaled(ds, arr: np.ndarray) -> np.ndarray:
+    """Stored values through the rescale slope/intercept (top level or functional groups): HU for CT."""
+    slope = _dicom_value(ds, "RescaleSlope", "PixelValueTransformationSequence")
+    intercept = _dicom_value(ds, "RescaleIntercept", "PixelValueTransformationSequence")
+    return arr.astype(np.float32) * (1.0 if slope is None else _first(slope)) + (
+        0.0 if intercept is None else _first(intercept)
+    )
+
+
+def _load_dicom(name: str, frame: int = 0, ds=None) -> np.ndarray:
+    """A pydicom test file as float RGB in [0, 1]: first frame (or ``frame``); rescale and the file's own
+    display window (else a 0.5-99.5 percentile window); MONOCHROME1 inverted; palette colour applied.
+    ``ds``: the already read dataset of ``name`` (to decode a multi-frame file once on pydicom 2)."""
+    try:
+        from pydicom.pixels import apply_color_lut
+    except ImportError:  # pydicom 2
+        from pydicom.pixel_data_handlers.util import apply_color_lut
+
+    ds = _read_dicom(name) if ds is None else ds
+    arr = _dicom_first_frame(ds, frame)
     pi = str(ds.PhotometricInterpretation)
     if pi == "PALETTE COLOR":
         rgb = apply_color_lut(arr, ds).astype(np.float32)
         return rgb / float(rgb.max() or 1)
     if arr.ndim == 3:  # RGB (YBR already converted)
         return arr.astype(np.float32) / 255.0
-    slope = _dicom_value(ds, "RescaleSlope", "PixelValueTransformationSequence")
-    intercept = _dicom_value(ds, "RescaleIntercept", "PixelValueTransformationSequence")
-    a = arr.astype(np.float32) * (1.0 if slope is None else _first(slope)) + (
-        0.0 if intercept is None else _first(intercept)
-    )
+    a = _dicom_rescaled(ds, arr)
     centre = _dicom_value(ds, "WindowCenter", "FrameVOILUTSequence")
     width = _dicom_value(ds, "WindowWidth", "FrameVOILUTSequence")
     if centre is not None and width is not None and _first(width) > 0:
@@ -1025,6 +1038,624 @@ probability maps) is real (MNI ICBM152 2009a); the three contrasts and the lesio
 
 
 # ----------------------------------------------------------------------------------------------
+# shared by the multi-domain sets (g. multidomain_lesion, h. multidomain_segmentation)
+
+# 11 blocks of MNI axial slices: 6 training, 2 validation, 3 test blocks (12 : 4 : 6 images per class)
+_MD_ROLES = (
+    "training",
+    "validation",
+    "training",
+    "test",
+    "training",
+    "training",
+    "test",
+    "training",
+    "validation",
+    "training",
+    "test",
+)
+_MD_COUNTS = {"training": 12, "validation": 4, "test": 6}  # per domain (and per class where there are classes)
+_ABDOMEN_L, _ABDOMEN_R = (0.3, 0.85, 0.2, 0.5), (0.3, 0.85, 0.5, 0.8)  # explicit_VR-UN body, no table
+_ALOKA_L, _ALOKA_R = (0.2, 0.86, 0.06, 0.5), (0.13, 0.86, 0.54, 0.97)  # the two B-mode panels, no text
+_ECHO = (0.1, 0.85, 0.22, 0.8)  # color3d_jpeg_baseline: the sector, no text or markers
+# CT display windows (centre, width) in HU, per file
+_CT_BRAIN, _CT_SOFT = (40.0, 80.0), (40.0, 400.0)
+_CT_WINDOWS = {
+    "693_UNCR.dcm": _CT_BRAIN,
+    "eCT_Supplemental.dcm": _CT_BRAIN,
+    "J2K_pixelrep_mismatch.dcm": _CT_BRAIN,
+    "CT_small.dcm": _CT_SOFT,
+    "explicit_VR-UN.dcm": _CT_SOFT,
+}
+
+
+def _region_px(shape: tuple[int, ...], box: tuple[float, ...]) -> tuple[int, int, int, int]:
+    h, w = shape[:2]
+    return int(box[0] * h), int(box[1] * h), int(box[2] * w), int(box[3] * w)
+
+
+def _draw_view(shape, box, rng, side, max_deg: float = 0.0, flip: bool = False) -> tuple:
+    """A random square view ``(row, col, side, angle, mirrored)`` lying wholly inside ``box`` (row0, row1,
+    col0, col1 fractions of ``shape``): side uniform in ``side`` (fractions of the image's shorter side),
+    shrunk where the rotated square would not fit in the region; angle uniform in +-``max_deg``;
+    mirrored left-right with probability 0.5 when ``flip``."""
+    r0, r1, c0, c1 = _region_px(shape, box)
+    angle = float(np.deg2rad(rng.uniform(-max_deg, max_deg))) if max_deg else 0.0
+    mirror = bool(flip and rng.random() < 0.5)
+    spread = abs(np.cos(angle)) + abs(np.sin(angle))
+    s = min(rng.uniform(*side) * min(shape[:2]), (min(r1 - r0, c1 - c0) - 2) / spread)
+    e = s / 2 * spread
+    cy, cx = rng.uniform(r0 + e, r1 - 1 - e), rng.uniform(c0 + e, c1 - 1 - e)
+    return float(cy), float(cx), float(s), angle, mirror
+
+
+def _sample_view(img: np.ndarray, box, view: tuple, size: int, order: int = 1) -> np.ndarray:
+    """``view`` of ``img`` (2D or H x W x C) resampled to size x size, float32. Only pixels inside ``box``
+    are read; anti-aliased by a Gaussian prefilter with sigma (side / size - 1) / 2 (as skimage's resize)."""
+    from scipy.ndimage import gaussian_filter, map_coordinates
+
+    cy, cx, s, a, mirror = view
+    r0, r1, c0, c1 = _region_px(img.shape, box)
+    u = ((np.arange(size) + 0.5) / size - 0.5) * s
+    uu, vv = np.meshgrid(u, -u if mirror else u, indexing="ij")
+    rows = cy + uu * np.cos(a) - vv * np.sin(a)
+    cols = cx + uu * np.sin(a) + vv * np.cos(a)
+    sigma = max(0.0, (s / size - 1) / 2)
+    m = int(np.ceil(4 * sigma)) + 2
+    y0, y1 = max(r0, int(rows.min()) - m), min(r1, int(np.ceil(rows.max())) + m + 1)
+    x0, x1 = max(c0, int(cols.min()) - m), min(c1, int(np.ceil(cols.max())) + m + 1)
+    win = np.asarray(img[y0:y1, x0:x1], dtype=np.float32)
+    out = []
+    for ch in [win] if win.ndim == 2 else [win[..., c] for c in range(win.shape[2])]:
+        if sigma > 0:
+            ch = gaussian_filter(ch, sigma, mode="nearest")
+        out.append(map_coordinates(ch, [rows - y0, cols - x0], order=order, mode="nearest"))
+    return np.stack(out, -1) if win.ndim == 3 else out[0]
+
+
+def _pick_view(img, box, rng, size: int, side, max_deg: float, flip: bool, score, tries: int = 40):
+    """Best of up to ``tries`` random views by ``score(crop) -> (value, good enough)``: (crop, view)."""
+    best = None
+    for _ in range(tries):
+        view = _draw_view(img.shape, box, rng, side, max_deg, flip)
+        crop = _sample_view(img, box, view, size)
+        value, ok = score(crop)
+        if best is None or value > best[0]:
+            best = (value, crop, view)
+        if ok:
+            break
+    return best[1], best[2]
+
+
+def _ct_hu(name: str, frame: int = 0, cache: dict | None = None) -> np.ndarray:
+    """CT frame of a pydicom test file in Hounsfield units (rescale slope/intercept applied, no window)."""
+    cache = {} if cache is None else cache
+    if name not in cache:
+        cache[name] = _read_dicom(name)
+    ds = cache[name]
+    return _dicom_rescaled(ds, _dicom_first_frame(ds, frame))
+
+
+def _ct_display(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    lo = window[0] - window[1] / 2
+    return np.clip((hu - lo) / window[1], 0, 1)
+
+
+def _mni_axial(z: int) -> np.ndarray:
+    """Square axial field of view around the brain at slice z (anterior up): H x W x 3 (T1, P(GM), P(WM))."""
+    mni = _mni()
+    x0, y0, side = _brain_square()
+    return np.stack([np.rot90(_crop2d(mni[k], z, x0, y0, side)) for k in ("t1", "gm", "wm")], -1)
+
+
+def _share(total: int, n: int) -> list[int]:
+    """``total`` shared round-robin among ``n`` sources."""
+    return [total // n + (1 if k < total % n else 0) for k in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------
+# g. multidomain_lesion (real images of 5 domains, simulated lesions; class independent of domain)
+
+_MDL_DOMAINS = ["ct", "mri", "ultrasound", "fundus", "natural"]
+# (split, domain, source, region): "name.dcm#k" is frame k, "name.dcm#a-b" a random frame in a..b
+_MDL_SOURCES = [
+    ("training", "ct", "pydicom:693_UNCR.dcm", _ALL),
+    ("training", "ct", "pydicom:CT_small.dcm", _ALL),
+    ("training", "ct", "pydicom:explicit_VR-UN.dcm", _ABDOMEN_L),
+    ("validation", "ct", "pydicom:eCT_Supplemental.dcm#0", _ALL),
+    ("validation", "ct", "pydicom:eCT_Supplemental.dcm#1", _ALL),
+    ("test", "ct", "pydicom:J2K_pixelrep_mismatch.dcm", _ALL),
+    ("test", "ct", "pydicom:explicit_VR-UN.dcm", _ABDOMEN_R),
+    ("training", "mri", "nilearn:mni152_t1", _ALL),
+    ("validation", "mri", "nilearn:mni152_t1", _ALL),
+    ("test", "mri", "nilearn:mni152_t1", _ALL),
+    ("training", "ultrasound", "pydicom:gdcm-US-ALOKA-16.dcm", _ALOKA_L),
+    ("training", "ultrasound", "pydicom:color3d_jpeg_baseline.dcm#0-59", _ECHO),
+    ("validation", "ultrasound", "pydicom:color3d_jpeg_baseline.dcm#66-85", _ECHO),
+    ("test", "ultrasound", "pydicom:gdcm-US-ALOKA-16.dcm", _ALOKA_R),
+    ("test", "ultrasound", "pydicom:color3d_jpeg_baseline.dcm#92-119", _ECHO),
+    ("training", "fundus", "skimage:retina", (0.0, 0.5, 0.0, 1.0)),
+    ("validation", "fundus", "skimage:retina", (0.5, 0.7, 0.0, 1.0)),
+    ("test", "fundus", "skimage:retina", (0.7, 1.0, 0.0, 1.0)),
+    ("training", "natural", "skimage:astronaut", _ALL),
+    ("training", "natural", "skimage:chelsea", _ALL),
+    ("training", "natural", "skimage:rocket", _ALL),
+    ("training", "natural", "skimage:brick", _ALL),
+    ("validation", "natural", "skimage:coffee", _ALL),
+    ("validation", "natural", "skimage:grass", _ALL),
+    ("test", "natural", "skimage:stereo_motorcycle", _ALL),
+    ("test", "natural", "skimage:gravel", _ALL),
+    ("test", "natural", "skimage:camera", _ALL),
+]
+# per domain: view side (fraction of the source's shorter side), max rotation (deg), lesion semi-axis
+# (fraction of the image side) and contrast range
+_MDL_VIEW = {
+    "ct": ((0.35, 0.6), 10.0),
+    "mri": ((0.8, 1.0), 10.0),
+    "ultrasound": ((0.3, 0.55), 0.0),
+    "fundus": ((0.15, 0.3), 30.0),
+    "natural": ((0.3, 0.7), 0.0),
+}
+_MDL_LESION = {
+    "ct": ((0.04, 0.09), (0.2, 0.45)),  # HU change as a fraction of the window width, sign random
+    "mri": ((0.04, 0.09), (0.25, 0.5)),  # relative T1 signal loss
+    "ultrasound": ((0.05, 0.1), (0.45, 0.75)),  # relative echo loss
+    "fundus": ((0.03, 0.07), (0.45, 0.8)),  # blend weight of the exudate / haemorrhage colour
+    "natural": ((0.04, 0.09), (0.35, 0.7)),  # blend weight of the blot
+}
+
+
+def _lesion_blob(rng, tissue: np.ndarray, r_range: tuple[float, float]) -> tuple[np.ndarray, tuple]:
+    """Soft mask (0..1) of one irregular ellipse centred on a ``tissue`` pixel at least its semi-axis away
+    from the tissue's edge and the image border where there is one (else the deepest tissue pixels):
+    ``(mask, (row, col, lateral semi-axis, axial semi-axis))``."""
+    from scipy.ndimage import distance_transform_edt, gaussian_filter
+
+    size = tissue.shape[0]
+    a = rng.uniform(*r_range) * size
+    b = a * rng.uniform(0.6, 1.0)
+    if rng.random() < 0.5:
+        a, b = b, a
+    dist = distance_transform_edt(np.pad(tissue, 1))[1:-1, 1:-1]
+    ok = np.argwhere(dist >= max(a, b))
+    if len(ok) == 0:
+        ok = np.argwhere(dist >= 0.5 * dist.max())
+    cy, cx = ok[rng.integers(len(ok))] + 0.5
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    hard = _irregular_blob(yy, xx, cy, cx, a, b, rng)
+    return gaussian_filter(hard.astype(np.float64), 0.7), (cy, cx, a, b)
+
+
+def _mdl_base(src: str, cache: dict, image_size: int, rng) -> tuple[np.ndarray, str]:
+    """Full source image for one crop (HU for CT, grey for ultrasound, RGB otherwise) and its name."""
+    kind, name = src.split(":", 1)
+    file, _, frames = name.partition("#")
+    if "-" in frames:
+        lo, hi = (int(v) for v in frames.split("-"))
+        frame = int(rng.integers(lo, hi + 1))
+    else:
+        frame = int(frames or 0)
+    key = f"{file}#{frame}"
+    if key not in cache:
+        if file in _CT_WINDOWS:
+            cache[key] = _ct_hu(file, frame, cache.setdefault("datasets", {}))
+        elif kind == "pydicom":  # ultrasound: the grey B-mode image
+            ds = cache.setdefault("datasets", {})
+            if file not in ds:
+                ds[file] = _read_dicom(file)
+            cache[key] = _load_dicom(file, frame, ds[file]).mean(-1)
+        else:
+            cache[key] = _shrink(_load_source(src), 8 * image_size)
+    return cache[key], f"{kind}:{file}" + (f"#{frame}" if frames else "")
+
+
+def _mdl_score(domain: str, crop: np.ndarray) -> tuple[float, bool]:
+    """How usable a crop is (value, good enough): mostly tissue, room for a lesion, not flat."""
+    if domain == "mri":  # whole-brain views: always usable
+        return 1.0, True
+    if domain == "ct":
+        body, soft = float((crop > -200).mean()), float(((crop > -50) & (crop < 150)).mean())
+        return body * soft, body >= 0.7 and soft >= 0.25
+    if domain == "fundus":
+        fov = float((crop.mean(-1) > 0.1).mean())
+        return fov, fov >= 0.97
+    grey = crop if crop.ndim == 2 else crop.mean(-1)
+    value = float((grey > 0.08).mean()) * min(1.0, float(grey.std()) / 0.08)
+    return value, value >= (0.6 if domain == "ultrasound" else 0.4)
+
+
+def _mdl_insert(domain: str, crop: np.ndarray, rng, window=None) -> np.ndarray:
+    """One simulated focal lesion rendered into a real crop, in the way of the domain (see the data card)."""
+    from scipy.ndimage import gaussian_filter
+
+    r_range, c_range = _MDL_LESION[domain]
+    if domain == "ct":  # hypo- or hyperdense nodule in soft tissue, added in HU
+        soft, _ = _lesion_blob(rng, (crop > -50) & (crop < 150), r_range)
+        sign = -1.0 if rng.random() < 0.5 else 1.0
+        return crop + sign * rng.uniform(*c_range) * window[1] * soft
+    if domain == "mri":  # T1-hypointense focus in white matter (channels T1, P(GM), P(WM))
+        soft, _ = _lesion_blob(rng, crop[..., 2] > 0.5, r_range)
+        out = crop.copy()
+        out[..., 0] *= 1 - rng.uniform(*c_range) * soft
+        return out
+    if domain == "ultrasound":  # hypoechoic blob with posterior acoustic enhancement below it
+        size = crop.shape[0]
+        smooth = gaussian_filter(crop, 1.5)
+        soft, (cy, cx, a, b) = _lesion_blob(rng, smooth > max(0.15, float(np.median(smooth))), r_range)
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+        beam = np.exp(-(((xx - cx) / a) ** 4))
+        behind = 1 / (1 + np.exp(-(yy - cy - b) / 1.0)) * np.exp(-np.maximum(yy - cy - b, 0) / (0.3 * size))
+        gain = 1 + rng.uniform(0.2, 0.5) * beam * behind
+        return np.clip(crop * gain * (1 - rng.uniform(*c_range) * soft), 0, 1)
+    alpha = rng.uniform(*c_range)
+    if domain == "fundus":  # bright yellow exudate-like or dark red haemorrhage-like spot
+        soft, _ = _lesion_blob(rng, crop.mean(-1) > 0.12, r_range)
+        w = alpha * soft[..., None]
+        if rng.random() < 0.5:
+            return crop * (1 - w) + w * np.array([0.95, 0.85, 0.45])
+        return crop * (1 - w * np.array([0.55, 0.8, 0.8]))
+    soft, _ = _lesion_blob(rng, np.ones(crop.shape[:2], bool), r_range)  # natural: dark or bright blot
+    w = alpha * soft[..., None]
+    return crop * (1 - w) if rng.random() < 0.5 else crop + w * (1 - crop)
+
+
+def _build_multidomain_lesion(out: Path, image_size: int = 64) -> tuple[dict, str]:
+    sections: dict[str, list] = {"training": [], "validation": [], "test": []}
+    mri_slices = {s: [z for z, role in _slice_plan(4, _MD_ROLES) if role == s] for s in sections}
+    cache: dict = {}
+    for d, domain in enumerate(_MDL_DOMAINS):
+        rng = np.random.default_rng([8008, d])
+        side, max_deg = _MDL_VIEW[domain]
+        for split, entries in sections.items():
+            rows = [r for r in _MDL_SOURCES if r[0] == split and r[1] == domain]
+            for label in (0, 1):
+                for (_, _, src, box), n in zip(rows, _share(_MD_COUNTS[split], len(rows))):
+                    for k in range(n):
+                        if domain == "mri":  # a different MNI slice for every image
+                            z = mri_slices[split][label + 2 * k]
+                            base, name = _mni_axial(z), f"nilearn:mni152_t1 z={z}"
+                        else:
+                            base, name = _mdl_base(src, cache, image_size, rng)
+                        score = functools.partial(_mdl_score, domain)
+                        crop, _ = _pick_view(base, box, rng, image_size, side, max_deg, True, score)
+                        window = _CT_WINDOWS.get(name.split(":", 1)[1].split("#")[0])
+                        if label == 1:
+                            crop = _mdl_insert(domain, crop, rng, window)
+                        if domain == "ct":
+                            crop = _ct_display(crop, window)
+                        elif domain == "mri":
+                            t1 = np.clip(crop[..., 0], 0, 1)
+                            crop = np.hypot(t1 + rng.normal(0, 0.01, t1.shape), rng.normal(0, 0.01, t1.shape))
+                        rgb = crop if crop.ndim == 3 else np.repeat(crop[..., None], 3, -1)
+                        rel = f"images/{split}_{domain}_{len(entries):03d}.png"
+                        _save_png(out / rel, _to_uint8(np.clip(rgb, 0, 1)))
+                        entries.append(
+                            {"image": rel, "label": label, "domain": domain, "domain_id": d, "source": name}
+                        )
+    sections["classes"] = ["normal", "lesion"]
+    sections["domains"] = list(_MDL_DOMAINS)
+    return sections, _multidomain_lesion_card(sections, image_size)
+
+
+def _count_table(sections: dict, domains: list[str], classes: list[str] | None) -> str:
+    """Markdown table of image counts per domain (x class) x split."""
+    splits = ("training", "validation", "test")
+    rows = []
+    for domain in domains:
+        for c, name in enumerate(classes or [None]):
+            n = [
+                sum(1 for e in sections[s] if e["domain"] == domain and (classes is None or e["label"] == c))
+                for s in splits
+            ]
+            rows.append(f"| {domain} |" + (f" {c} {name} |" if classes else "") + "".join(f" {v} |" for v in n))
+    head = "| domain |" + (" class |" if classes else "") + " training | validation | test |"
+    rule = "|---|" + ("---|" if classes else "") + "---|---|---|"
+    return "\n".join([head, rule, *rows])
+
+
+def _mri_slices_note(sections: dict) -> str:
+    """Card text: block roles of the MNI slice plan and the slices (z index) each split uses."""
+    import textwrap
+
+    roles = ", ".join(r.replace("training", "train").replace("validation", "val") for r in _MD_ROLES)
+    z = {s: sorted(int(e["source"].split("z=")[1]) for e in sections[s] if e["domain"] == "mri") for s in _MD_COUNTS}
+    used = "; ".join(f"{s} z = " + ", ".join(str(v) for v in zs) for s, zs in z.items())
+    text = f"- MRI slices: 11 blocks of the brain's z range with roles ({roles}); slices used: {used}."
+    return textwrap.fill(text, 100, initial_indent="  ", subsequent_indent="    ")
+
+
+_PYDICOM_CARD = """\
+  - `pydicom:*`: DICOM test files shipped with `pydicom` / `pydicom-data` (MIT-licensed packages), read
+    with `pydicom.data.get_testdata_file(name, download=False)`; pydicom's test-file README says its
+    author believes there is no restriction on using them. Provenance by file: `CT_small.dcm`
+    (downsized NEMA WG04 CT1), `eCT_Supplemental.dcm` (NEMA multi-frame enhanced CT sample, 2 slices
+    10 mm apart, brain), `693_UNCR.dcm` (head CT from pydicom issue 693; its PatientID `CQ500-CT-310`
+    points to the CQ500 head-CT data set of qure.ai, distributed under CC BY-NC-SA 4.0, i.e. not for
+    commercial use), `J2K_pixelrep_mismatch.dcm` (head CT at the skull base from pydicom issue 1149,
+    origin not stated), `explicit_VR-UN.dcm` (abdominal CT from The Cancer Imaging Archive, PatientID
+    `PANCREAS_0001`, i.e. the TCIA Pancreas-CT collection under a Creative Commons Attribution
+    licence), `gdcm-US-ALOKA-16.dcm` (ALOKA pelvic B-mode, two panels, from GDCM's test data, BSD-style
+    GDCM licence), `color3d_jpeg_baseline.dcm` (120-frame echocardiography cine, origin not stated).
+    Check each source's terms before redistributing images outside this cache."""
+
+
+def _multidomain_lesion_card(sections: dict, image_size: int) -> str:
+    src_table = "\n".join(
+        f"| {s} | {d} | {src} | rows {b[0]:.2f}-{b[1]:.2f}, cols {b[2]:.2f}-{b[3]:.2f} |"
+        for s, d, src, b in _MDL_SOURCES
+    )
+    counts = _count_table(sections, _MDL_DOMAINS, ["normal", "lesion"])
+    slices = _mri_slices_note(sections)
+    return f"""
+# multidomain_lesion (REAL images, SIMULATED lesions)
+
+Binary classification, normal (label 0) versus lesion (label 1), in 5 imaging domains. Every image is
+a crop of a REAL image shipped inside an installed package; the lesion in class 1 is SIMULATED and
+inserted into the real crop. Class and domain are independent by construction: every domain has
+the same number of normal and lesion images in every split, drawn from the same source images, so
+the domain (and the source file) says nothing about the class; a model has to find the lesion.
+
+- Files: `images/<split>_<domain>_NNN.png`, RGB uint8 {image_size}x{image_size} (grey sources repeated to
+  3 channels). Entry fields `image`, `label` (0 normal, 1 lesion), `domain`, `domain_id` (index into
+  the top-level `domains` list), `source` (file, frame or MNI slice the crop comes from). Top-level
+  keys `classes` = ["normal", "lesion"] and
+  `domains` = {json.dumps(_MDL_DOMAINS)}. File names do not show the class.
+- Counts (domain x class x split):
+
+{counts}
+
+- Sources (real base images; nothing downloaded):
+{_PYDICOM_CARD}
+  - `nilearn:mni152_t1`: axial slices of the MNI ICBM152 2009a T1 template, see brain_mri_2d
+    (permissive MNI copyright notice; nilearn lists the licence as "unknown").
+  - `skimage:*`: scikit-image data (`skimage.data.<name>()`): retina (fundus photograph, CC0,
+    Wikimedia), astronaut/rocket (NASA/SpaceX, public domain), chelsea/coffee/camera (CC0 or public
+    domain by the photographers), brick/grass/gravel (CC0 textures), stereo_motorcycle (left view,
+    Middlebury 2014 stereo benchmark).
+
+| split | domain | source | region |
+|---|---|---|---|
+{src_table}
+
+- How it was made (seed 8008; one generator per domain, `numpy.random.default_rng([8008, domain_id])`):
+  for each domain, split and class the quota (12/4/6) is shared round-robin among that split's
+  sources, identically for both classes. Every image is its own random square view of the source
+  region (side as a fraction of the source's shorter side, rotation, random left-right mirror:
+  ct 0.35-0.6, +-10 deg; mri 0.8-1.0 of the brain field of view, +-10 deg; ultrasound 0.3-0.55, no
+  rotation so the beam stays vertical; fundus 0.15-0.3, +-30 deg; natural 0.3-0.7, no rotation),
+  resampled to {image_size}x{image_size} with a Gaussian anti-aliasing prefilter; views that are mostly
+  air/background or flat are re-drawn (up to 40 tries). Normal and lesion images are separate
+  random views, so no crop appears both with and without a lesion. CT is read in Hounsfield units
+  (rescale slope/intercept) and shown in a brain window (centre 40, width 80 HU: 693_UNCR,
+  eCT_Supplemental, J2K_pixelrep_mismatch) or a soft-tissue window (40/400 HU: CT_small,
+  explicit_VR-UN). Ultrasound is the grey level (mean of RGB) of the first frame (ALOKA) or of a
+  random frame in the listed range (echo cine). Sources of natural images and the retina are first
+  downsampled to a shorter side of at most {8 * image_size} px. MRI: 4 slices per block, every MRI
+  image a different slice (normal: even, lesion: odd positions in the block), Rician-like noise
+  (sigma 0.01) on all MRI images.
+{slices}
+- The simulated lesion (class 1 only): one irregular ellipse (boundary with 5 random harmonics,
+  semi-axes a, b with b/a 0.6-1.0, random orientation of the long axis, edge softened by a Gaussian
+  of 0.7 px), centred on a pixel of the domain's tissue at least a semi-axis from the tissue's edge:
+  - ct: in soft tissue (-50 to 150 HU); a hypodense or hyperdense nodule (sign 50/50) changing HU
+    by 0.2-0.45 x the window width (16-36 HU in the brain window, 80-180 HU in the soft-tissue
+    window); semi-axis 0.04-0.09 x image side. Added before windowing, so the image noise is kept.
+  - mri: in white matter (P(WM) > 0.5); T1 signal reduced by 25-50 % (a T1-hypointense focus,
+    like a chronic lesion); semi-axis 0.04-0.09.
+  - ultrasound: in echogenic tissue (Gaussian-smoothed grey, sigma 1.5 px, above both 0.15 and the
+    crop's median); echo reduced by 45-75 % (hypoechoic, the real speckle is kept) and posterior
+    acoustic enhancement (gain +20-50 %) in a band below the lesion fading with depth; semi-axis
+    0.05-0.1.
+  - fundus: inside the field of view; a bright yellow exudate-like spot or a dark red
+    haemorrhage-like spot (50/50), blend weight 0.45-0.8; semi-axis 0.03-0.07.
+  - natural: anywhere; a dark or a bright blot (50/50), blend weight 0.35-0.7; semi-axis 0.04-0.09.
+- Splits are kept apart by different files, different frames of a cine (ultrasound echo frames
+  0-59 / 66-85 / 92-119), different MNI slice blocks, or disjoint regions of one image (retina bands
+  by rows; the left ALOKA panel for training, the right one for test; the left/right halves of the
+  abdominal CT body for training/test); a view lies wholly inside its region and reads no pixel
+  outside it.
+- Limits: the lesions are simple blobs, not real pathology, and every lesion image has exactly one;
+  "normal" means only "no inserted lesion": the real base images may contain real findings (the
+  CQ500 head CT comes from a data set collected for haemorrhages and fractures; the fundus image
+  and the ultrasound frames were not reviewed for pathology). Few distinct base images per domain
+  (CT 5 files, MRI one template, ultrasound 2 recordings, fundus 1 photograph, natural 9), so many
+  crops share a source, and validation/test differ from training in anatomy and source. Meant for
+  tests and demos of multi-domain classification (e.g. DCRM-ViT's router), not for clinical claims.
+"""
+
+
+# ----------------------------------------------------------------------------------------------
+# h. multidomain_segmentation (binary; the foreground is a different structure in every domain)
+
+_MDS_DOMAINS = ["ultrasound", "ct", "mri"]
+_MDS_FOREGROUND = {
+    "ultrasound": "lesion (simulated hypoechoic lesion)",
+    "ct": "bone (HU > 300)",
+    "mri": "white matter (P(WM) > P(GM), P(GM) + P(WM) >= 0.5)",
+}
+# (split, source, region) of the CT domain
+_MDS_CT_SOURCES = [
+    ("training", "pydicom:693_UNCR.dcm", _ALL),
+    ("training", "pydicom:J2K_pixelrep_mismatch.dcm", (0.0, 0.45, 0.0, 1.0)),
+    ("validation", "pydicom:CT_small.dcm", _ALL),
+    ("test", "pydicom:J2K_pixelrep_mismatch.dcm", (0.45, 1.0, 0.0, 1.0)),
+]
+_MDS_FG = (0.02, 0.6)  # every label's foreground fraction lies in this range
+_MDS_CT_WINDOW = (200.0, 1000.0)  # display window (centre, width) in HU: -300 to 700
+_BONE_HU = 300.0
+
+
+def _bone_label(hu: np.ndarray) -> np.ndarray:
+    """Bone = HU > 300, cleaned with scikit-image morphology: specks under 4 px removed, holes under 4 px
+    filled (scikit-image >= 0.26 names the size ``max_size``, inclusive; older versions ``min_size`` /
+    ``area_threshold``, exclusive)."""
+    from skimage.morphology import remove_small_holes, remove_small_objects
+
+    if "max_size" in inspect.signature(remove_small_objects).parameters:
+        bone = remove_small_holes(remove_small_objects(hu > _BONE_HU, max_size=3), max_size=3)
+    else:  # scikit-image < 0.26
+        bone = remove_small_holes(remove_small_objects(hu > _BONE_HU, min_size=4), area_threshold=4)
+    return bone.astype(np.uint8)
+
+
+def _jitter(img: np.ndarray, rng) -> np.ndarray:
+    """Intensity jitter of an image in [0, 1]: gamma 0.85-1.15, gain 0.9-1.1, offset +-0.03."""
+    g, gain, off = rng.uniform(0.85, 1.15), rng.uniform(0.9, 1.1), rng.uniform(-0.03, 0.03)
+    return np.clip(gain * np.clip(img, 0, 1) ** g + off, 0, 1)
+
+
+def _mds_ct(rng, split: str, image_size: int, cache: dict) -> list[tuple[np.ndarray, np.ndarray, str]]:
+    rows = [r for r in _MDS_CT_SOURCES if r[0] == split]
+    out = []
+    for (_, src, box), n in zip(rows, _share(_MD_COUNTS[split], len(rows))):
+        file = src.split(":", 1)[1]
+        if file not in cache:
+            cache[file] = _ct_hu(file, 0, cache.setdefault("datasets", {}))
+        hu = cache[file]
+
+        def score(crop):
+            fg, body = float(_bone_label(crop).mean()), float((crop > -300).mean())
+            good = 0.03 <= fg <= 0.5 and body >= 0.6
+            return (1.0 if good else 0.0) + body * min(fg, 0.5), good
+
+        for _ in range(n):
+            crop, _ = _pick_view(hu, box, rng, image_size, (0.3, 0.6), 10.0, True, score, tries=60)
+            img = _jitter(_ct_display(crop, _MDS_CT_WINDOW), rng)
+            img = np.clip(img + rng.normal(0, 0.01, img.shape), 0, 1)
+            out.append((_to_uint8(img), _bone_label(crop), src))
+    return out
+
+
+def _mds_mri(rng, split: str, image_size: int) -> list[tuple[np.ndarray, np.ndarray, str]]:
+    out = []
+    for z, role in _slice_plan(2, _MD_ROLES):
+        if role != split:
+            continue
+        crop, _ = _pick_view(_mni_axial(z), _ALL, rng, image_size, (0.8, 1.0), 10.0, True, lambda c: (1.0, True))
+        label = (_brain_labels(crop[..., 1], crop[..., 2]) == 2).astype(np.uint8)
+        t1 = _jitter(crop[..., 0], rng)
+        t1 = np.hypot(t1 + rng.normal(0, 0.01, t1.shape), rng.normal(0, 0.01, t1.shape))
+        out.append((_to_uint8(np.clip(t1, 0, 1)), label, f"nilearn:mni152_t1 z={z}"))
+    return out
+
+
+def _mds_ultrasound(rng, split: str, image_size: int) -> list[tuple[np.ndarray, np.ndarray, str]]:
+    out = []
+    while len(out) < _MD_COUNTS[split]:
+        img, lab = simulate_ultrasound(rng, image_size)
+        if _MDS_FG[0] <= lab.mean() <= _MDS_FG[1]:  # drop the rare image whose lesions are too small
+            out.append((img, lab, "simulated"))
+    return out
+
+
+def _build_multidomain_segmentation(out: Path, image_size: int = 64) -> tuple[dict, str]:
+    sections: dict[str, list] = {"training": [], "validation": [], "test": []}
+    cache: dict = {}
+    for d, domain in enumerate(_MDS_DOMAINS):
+        rng = np.random.default_rng([9009, d])
+        for split, entries in sections.items():
+            if domain == "ct":
+                pairs = _mds_ct(rng, split, image_size, cache)
+            elif domain == "mri":
+                pairs = _mds_mri(rng, split, image_size)
+            else:
+                pairs = _mds_ultrasound(rng, split, image_size)
+            for k, (img, lab, src) in enumerate(pairs):
+                fg = float(lab.mean())
+                if not _MDS_FG[0] <= fg <= _MDS_FG[1]:
+                    raise RuntimeError(
+                        f"multidomain_segmentation: {domain} {split} image {k} has foreground fraction {fg:.3f}, "
+                        f"outside {_MDS_FG}. Fix: use another image_size (this one gives too small crops)."
+                    )
+                entry = {
+                    "image": f"images/{split}_{domain}_{k:03d}.png",
+                    "label": f"labels/{split}_{domain}_{k:03d}.png",
+                    "domain": domain,
+                    "domain_id": d,
+                    "source": src,
+                }
+                _save_png(out / entry["image"], img)
+                _save_png(out / entry["label"], lab.astype(np.uint8))
+                entries.append(entry)
+    sections["classes"] = ["background", "foreground"]
+    sections["labels"] = {"0": "background", "1": "foreground (see foreground_by_domain)"}
+    sections["domains"] = list(_MDS_DOMAINS)
+    sections["foreground_by_domain"] = dict(_MDS_FOREGROUND)
+    return sections, _multidomain_segmentation_card(sections, image_size)
+
+
+def _multidomain_segmentation_card(sections: dict, image_size: int) -> str:
+    counts = _count_table(sections, _MDS_DOMAINS, None)
+    fg = "\n".join(f"| {domain} | {_MDS_FOREGROUND[domain]} |" for domain in _MDS_DOMAINS)
+    ct_table = "\n".join(
+        f"| {s} | {src} | rows {b[0]:.2f}-{b[1]:.2f}, cols {b[2]:.2f}-{b[3]:.2f} |" for s, src, b in _MDS_CT_SOURCES
+    )
+    slices = _mri_slices_note(sections)
+    return f"""
+# multidomain_segmentation (REAL CT and MRI, SIMULATED ultrasound)
+
+Binary segmentation in 3 imaging domains where the foreground is a DIFFERENT structure in each
+domain, so a model has to know (or infer) the domain to know what to segment:
+
+| domain | foreground (label 1) |
+|---|---|
+{fg}
+
+- Files: `images/<split>_<domain>_NNN.png` (grey uint8 {image_size}x{image_size}), `labels/<split>_<domain>_NNN.png`
+  (uint8 0/1). Entry fields `image`, `label`, `domain`, `domain_id` (index into the top-level
+  `domains` list), `source`. Top-level keys `classes` = ["background", "foreground"], `domains` =
+  {json.dumps(_MDS_DOMAINS)}, `foreground_by_domain`. Every label's foreground fraction is between
+  {_MDS_FG[0]:.0%} and {_MDS_FG[1]:.0%} (checked at build time), so Dice is meaningful.
+- Counts (domain x split):
+
+{counts}
+
+- ultrasound (SIMULATED): `simulate_ultrasound` (see ultrasound_lesion): speckled B-mode sector with
+  1-2 hypoechoic lesions; label = lesion. Images whose lesions cover less than 2 % are drawn again.
+  Source: simulated by `medpeft_monai` (Apache-2.0); no third-party content.
+- ct (REAL images, threshold labels): single CT slices from pydicom test files, read in Hounsfield
+  units (rescale slope/intercept); label = bone, HU > {_BONE_HU:.0f} on the resampled HU map, cleaned with
+  scikit-image morphology (objects under 4 px removed, holes under 4 px filled). These are
+  HU-threshold labels, not manual delineations (contrast-filled vessels or metal above 300 HU would
+  count as bone). Image = HU window centre {_MDS_CT_WINDOW[0]:.0f}, width {_MDS_CT_WINDOW[1]:.0f} (-300 to 700
+  HU), so the threshold lies at grey 0.6 before jitter. `eCT_Supplemental.dcm` is not used
+  (skull-stripped brain slices, no bone), nor `explicit_VR-UN.dcm` (abdomen: under 1 % of the
+  slice is bone).
+
+| split | source | region |
+|---|---|---|
+{ct_table}
+
+- mri (REAL template, template labels): axial slices of the MNI ICBM152 2009a T1 template; label =
+  white matter from the template's tissue probability maps (the white-matter class of
+  brain_mri_2d's rule: P(GM) + P(WM) >= 0.5 and P(WM) > P(GM)), computed on the resampled maps.
+{_MNI_CARD}
+- Other sources:
+{_PYDICOM_CARD}
+- How it was made (seed 9009; one generator per domain, `numpy.random.default_rng([9009, domain_id])`):
+  CT and MRI images are random square views resampled to {image_size}x{image_size} (Gaussian anti-aliasing
+  prefilter, linear interpolation), with a random rotation of +-10 deg, a random left-right mirror,
+  intensity jitter (gamma 0.85-1.15, gain 0.9-1.1, offset +-0.03) and Gaussian (CT) or Rician-like
+  (MRI) noise of sigma 0.01; image and label come from the same view. CT views: side 0.3-0.6 of the
+  file's shorter side, inside the split's region, kept only when 3-50 % is bone and at least 60 % is
+  body (HU > -300), up to 60 tries. MRI views: side 0.8-1.0 of a square field of view around the
+  brain, one view per slice, 2 slices per block.
+{slices}
+- How the splits are kept apart: CT by file, and for the skull-base CT (`J2K_pixelrep_mismatch.dcm`)
+  by disjoint regions (rows 0-0.45, the anterior skull base, for training; rows 0.45-1, the
+  posterior fossa, for test; a view lies wholly inside its region and reads no pixel outside it), so
+  no test pixel comes from a training crop; MRI by slice blocks (no slice is shared, and slices of
+  different splits are further apart than slices of one split); ultrasound images are independent
+  simulations.
+- Limits: CT labels are thresholds and MRI labels come from a template's probability maps, not
+  from experts; MRI is one template brain (splits differ by brain level, not by subject); CT has 3
+  files, all single slices (validation is one small spine slice, training and test share one
+  patient's skull-base slice in disjoint halves); ultrasound is a texture model, not an acoustic
+  simulation. Meant for tests and demos of domain-conditioned segmentation, not for clinical claims.
+"""
+
+
+# ----------------------------------------------------------------------------------------------
 # registry and cache
 
 
@@ -1035,6 +1666,8 @@ _BUILDERS: dict[str, Callable[..., tuple[dict, str]]] = {
     "fundus_disc_cup": _build_fundus_disc_cup,
     "ultrasound_lesion": _build_ultrasound_lesion,
     "multiseq_mri": _build_multiseq_mri,
+    "multidomain_lesion": _build_multidomain_lesion,
+    "multidomain_segmentation": _build_multidomain_segmentation,
 }
 SAMPLE_DATASETS: tuple[str, ...] = tuple(_BUILDERS)
 
