@@ -12,22 +12,38 @@ Hiera / SAM2-Hiera model. It
 * freezes every parameter by default;
 * describes every transformer block (:class:`BlockInfo`: token format, grid, prefix tokens, width)
   so PEFT modules can reshape tokens to the real grid instead of guessing ``sqrt(N - 1)``;
-* returns multi-level NCHW features from chosen blocks for dense heads.
+* returns multi-level NCHW features from chosen blocks for dense heads;
+* can be stepped through: :meth:`~FrozenBackbone.embed` (patch + position embedding, optional token
+  mask), :meth:`~FrozenBackbone.run_blocks` (any block range, with explicit per-forward ``context``),
+  :meth:`~FrozenBackbone.to_nchw` and :meth:`~FrozenBackbone.finish`; :meth:`~FrozenBackbone.encode`
+  is the one loop built on them that every network uses;
+* carries a fingerprint of its frozen weights (:attr:`~FrozenBackbone.fingerprint`) so that an adapter
+  trained on one set of weights is refused on another.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import timm
 import torch
 from torch import nn
 
-__all__ = ["BackboneError", "BlockInfo", "FrozenBackbone", "as_plain_tensor", "create_backbone"]
+__all__ = [
+    "BackboneError",
+    "BackboneOutput",
+    "BlockInfo",
+    "FrozenBackbone",
+    "as_plain_tensor",
+    "create_backbone",
+    "unwrap",
+    "weights_fingerprint",
+]
 
 INIT_SEED = 0
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
@@ -37,6 +53,42 @@ BLOCK_NAME = re.compile(r"^(?:.*\.)?blocks\.\d+$")
 def as_plain_tensor(x: torch.Tensor) -> torch.Tensor:
     """Drop MONAI ``MetaTensor`` metadata: tracking it through every op slows a ViT forward ~10x on the CPU."""
     return x.as_tensor() if hasattr(x, "as_tensor") else x
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module a chain of PEFT wrappers stands for.
+
+    A wrapper names the attribute(s) holding what it wraps in ``wraps`` (first = the wrapped module);
+    ``unwrap(DKABlock(PromptedBlock(block)))`` is ``block``.
+    """
+    while getattr(module, "wraps", ()):
+        module = getattr(module, module.wraps[0])
+    return module
+
+
+def weights_fingerprint(named_tensors) -> str:
+    """SHA-256 (first 16 hex digits) over ``(name, shape, float32 bytes)`` of the given tensors."""
+    h = hashlib.sha256()
+    for name, t in named_tensors:
+        data = t.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(data.shape)};".encode())
+        h.update(data.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class BackboneOutput(NamedTuple):
+    """What :meth:`FrozenBackbone.encode` returns.
+
+    Attributes:
+        tokens: final tokens (as timm's ``forward_features``).
+        levels: ``(B, C, H, W)`` features of the requested blocks, in block order.
+        context: per-forward values computed by the backbone's routers, keyed by adapter name
+            (e.g. DCRM's domain routing); empty without routers.
+    """
+
+    tokens: torch.Tensor
+    levels: list
+    context: dict
 
 
 class BackboneError(ValueError):
@@ -68,6 +120,8 @@ class BlockInfo:
 
 def _family(model: nn.Module) -> str:
     cls = type(model).__name__.lower()
+    if cls == "hieradet":
+        return "sam2"
     if "hiera" in cls:
         return "hiera"
     if "swin" in cls:
@@ -152,6 +206,10 @@ class FrozenBackbone(nn.Module):
         self.family = _family(self.model)
         self.image_size = size or self._default_image_size()
         self.blocks = self._trace_blocks()
+        self.fingerprint = self._fingerprint()
+        # modules that compute per-forward context from a block's output (e.g. DCRM's domain router),
+        # keyed by adapter name; :meth:`encode` runs them, PEFT injection adds them
+        self.routers = nn.ModuleDict()
         if freeze:
             self.requires_grad_(False)
 
@@ -228,6 +286,23 @@ class FrozenBackbone(nn.Module):
                 if w.ndim == 4 and w.shape[1] != ref.shape[1]:
                     state[key] = adapt_input_conv(ref.shape[1], w)
         return state
+
+    def _fingerprint(self) -> str:
+        """Fingerprint of the frozen weights: every tensor of the first and last block and the patch embedding.
+
+        These never depend on ``image_size`` (position embeddings are left out), so the same weights give
+        the same fingerprint at any input size; ``in_chans`` is recorded separately.
+        """
+        names = (self.blocks[0].name, self.blocks[-1].name, "patch_embed")
+        return weights_fingerprint((n, p) for n, p in self.model.named_parameters()
+                                   if any(n == k or n.startswith(k + ".") for k in names))
+
+    @property
+    def weights_source(self) -> str:
+        """Where the weights came from: ``"random(seed=0)"``, ``"hub"`` or the file name."""
+        if self.weights is None:
+            return f"random(seed={INIT_SEED})"
+        return self.weights if self.weights == "hub" else os.path.basename(self.weights)
 
     # ------------------------------------------------------------------ layout
     def _default_image_size(self) -> tuple[int, int]:
@@ -309,9 +384,11 @@ class FrozenBackbone(nn.Module):
         return (int(g[0]), int(g[1]))
 
     def block_module(self, index: int) -> nn.Module:
+        """What sits at block ``index`` (the timm block, or the outermost PEFT wrapper around it);
+        ``unwrap(backbone.block_module(i))`` is the timm block itself."""
         return self.model.get_submodule(self.blocks[index].name)
 
-    # ------------------------------------------------------------------ forward
+    # ------------------------------------------------------------------ stepping API
     def check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4:
             raise BackboneError(f"{self.name} expects a (B, C, H, W) batch, got shape {tuple(x.shape)}.")
@@ -322,53 +399,153 @@ class FrozenBackbone(nn.Module):
                 "(e.g. RepeatChannel / a channel-selecting transform) in preprocessing."
             )
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Final normalised tokens (``forward_features`` of the timm model)."""
+    def embed(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+              mask_token: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch embedding + position embedding: the tokens entering block 0.
+
+        Args:
+            x: ``(B, in_chans, H, W)`` images.
+            mask: optional ``(B, gh, gw)`` boolean mask over block 0's patch grid, ``True`` = hidden.
+                With ``mask_token`` the hidden patch embeddings are replaced by it (SimMIM-style; every
+                family, token grid kept). Without one the hidden tokens are dropped, which only the ViT
+                family supports (the same number of hidden tokens in every image, the prefix tokens kept).
+            mask_token: ``(C,)`` learnable token (owned by the caller, e.g. an MAE head) for hidden patches.
+
+        Returns tokens in the layout of ``self.blocks[0]`` (``nlc``, ``nhwc`` or ``unrolled``).
+        """
         self.check_input(x)
-        return self.model.forward_features(x)
+        m = self.model
+        if self.family == "hiera":
+            t = m.patch_embed(x)                                   # (B, N, C) raster order
+            t = self._apply_mask(t, mask, mask_token, grid_shape=False)
+            return m.unroll(m._pos_embed(t))
+        t = m.patch_embed(x)                                       # ViT (B, N, C); Swin / SAM2 (B, H, W, C)
+        if self.family == "vit":
+            if mask is not None and mask_token is None:
+                return m.norm_pre(m.patch_drop(self._drop_tokens(m._pos_embed(t), mask)))
+            t = self._apply_mask(t, mask, mask_token, grid_shape=t.ndim == 4)
+            return m.norm_pre(m.patch_drop(m._pos_embed(t)))
+        t = self._apply_mask(t, mask, mask_token, grid_shape=True)
+        return m._pos_embed(t) if self.family == "sam2" else t
+
+    def _check_mask(self, mask: torch.Tensor, batch: int) -> torch.Tensor:
+        gh, gw = self.blocks[0].grid
+        if mask.dtype != torch.bool or tuple(mask.shape) != (batch, gh, gw):
+            raise BackboneError(f"mask must be a boolean (B, {gh}, {gw}) tensor over the patch grid (True = hidden), "
+                                f"got {mask.dtype} {tuple(mask.shape)}.")
+        return mask
+
+    def _apply_mask(self, t: torch.Tensor, mask: torch.Tensor | None, mask_token: torch.Tensor | None,
+                    grid_shape: bool) -> torch.Tensor:
+        """Replace hidden patch embeddings by ``mask_token`` (``t`` is ``(B, N, C)`` or ``(B, H, W, C)``)."""
+        if mask is None:
+            return t
+        if mask_token is None:
+            raise BackboneError(f"{self.name} ({self.family}) cannot drop tokens: its blocks need the whole grid. "
+                                "Pass a learnable mask_token to replace the hidden patches instead.")
+        mask = self._check_mask(mask, t.shape[0])
+        hidden = mask.unsqueeze(-1) if grid_shape else mask.flatten(1).unsqueeze(-1)
+        return torch.where(hidden, mask_token.to(t.dtype), t)
+
+    def _drop_tokens(self, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ViT: keep the prefix tokens and the visible patch tokens (raster order) of ``(B, P + N, C)``."""
+        mask = self._check_mask(mask, t.shape[0]).flatten(1)
+        visible = (~mask).sum(1)
+        if not bool((visible == visible[0]).all()):
+            raise BackboneError("Dropping tokens needs the same number of hidden patches in every image of the batch.")
+        p = self.num_prefix_tokens
+        idx = torch.nonzero(~mask)[:, 1].view(t.shape[0], -1)
+        patches = torch.gather(t[:, p:], 1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+        return torch.cat([t[:, :p], patches], dim=1)
+
+    def _stage_entry(self, index: int) -> nn.Module | None:
+        """Swin: the stage's patch merging runs before the first block of each stage."""
+        if self.family != "swin":
+            return None
+        name = self.blocks[index].name                              # layers.<s>.blocks.<j>
+        stage, _, j = name.rpartition(".blocks.")
+        return self.model.get_submodule(stage).downsample if j == "0" else None
+
+    def run_blocks(self, tokens: torch.Tensor, start: int, stop: int, context: dict | None = None) -> torch.Tensor:
+        """Run blocks ``start .. stop - 1`` (global indices) on ``tokens``.
+
+        ``context`` (per-forward values, e.g. DCRM's routing) is passed as a keyword argument to the blocks
+        whose outermost module declares ``takes_context``; nothing is stored between calls.
+        """
+        for i in range(start, stop):
+            entry = self._stage_entry(i)
+            if entry is not None:
+                tokens = entry(tokens)
+            block = self.model.get_submodule(self.blocks[i].name)
+            if getattr(block, "takes_context", False):
+                tokens = block(tokens, context=context)
+            else:
+                tokens = block(tokens)
+        return tokens
+
+    def to_nchw(self, tokens: torch.Tensor, index: int) -> torch.Tensor:
+        """Tokens leaving block ``index`` as a ``(B, C, H, W)`` feature map.
+
+        ViT: the last ``H*W`` tokens are the patch tokens (class/register and any prompt tokens come first);
+        Swin / SAM2: permuted NHWC; Hiera: put back into raster order with the model's own ``Reroll``.
+        """
+        if tokens.ndim == 4:
+            return tokens.permute(0, 3, 1, 2).contiguous()
+        if self.family == "hiera":
+            return self.model.reroll(tokens, index).permute(0, 3, 1, 2).contiguous()
+        gh, gw = self.blocks[index].grid
+        if tokens.shape[1] < gh * gw + self.num_prefix_tokens:
+            raise BackboneError(f"{self.name}: block {index} tokens {tuple(tokens.shape)} do not hold the "
+                                f"{gh}x{gw} patch grid; the image size differs from image_size={self.image_size}.")
+        patches = tokens[:, tokens.shape[1] - gh * gw:]
+        return patches.transpose(1, 2).reshape(tokens.shape[0], -1, gh, gw)
+
+    def finish(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The end of timm's ``forward_features`` after the last block (final norm where the family has one)."""
+        if self.family in ("vit", "swin"):
+            return self.model.norm(tokens)
+        return tokens
+
+    def encode(self, x: torch.Tensor, levels: Sequence[int] = (), mask: torch.Tensor | None = None,
+               mask_token: torch.Tensor | None = None) -> BackboneOutput:
+        """One pass: embed, every block, the final norm; NCHW features of ``levels`` on the way.
+
+        Routers (modules in ``self.routers``, e.g. DCRM's domain router) run on the output of their
+        ``route_from_block`` and their result is handed to the later blocks as ``context[adapter name]``.
+        Returns ``BackboneOutput(tokens, levels, context)``; nothing is kept on the module.
+        """
+        n = len(self.blocks)
+        want = sorted({int(i) % n for i in levels})
+        stops = sorted(set(want) | {r.route_from_block for r in self.routers.values()} | {n - 1})
+        tokens = self.embed(x, mask, mask_token)
+        context: dict = {}
+        feats: dict[int, torch.Tensor] = {}
+        start = 0
+        for stop in stops:
+            tokens = self.run_blocks(tokens, start, stop + 1, context or None)
+            start = stop + 1
+            for key, router in self.routers.items():
+                if router.route_from_block == stop:
+                    context[getattr(router, "adapter_name", None) or key] = router(tokens)
+            if stop in want:
+                feats[stop] = self.to_nchw(tokens, stop)
+        return BackboneOutput(self.finish(tokens), [feats[i] for i in want], context)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Pooled image embedding ``(B, num_features)`` from final tokens (timm's pre-logits head)."""
+        return self.model.forward_head(tokens, pre_logits=True)
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Final normalised tokens (what timm's ``forward_features`` returns)."""
+        return self.encode(x).tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled image embedding ``(B, num_features)`` (timm's pre-logits)."""
-        return self.model.forward_head(self.forward_tokens(x), pre_logits=True)
+        return self.pool(self.forward_tokens(x))
 
     def forward_levels(self, x: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
-        """NCHW features from the given block indices (negative indices count from the end)."""
-        self.check_input(x)
-        n = len(self.blocks)
-        idx = sorted({i % n for i in indices})
-        if self.family == "vit":
-            return self.model.forward_intermediates(x, indices=idx, output_fmt="NCHW", intermediates_only=True)
-        return self._forward_levels_hooked(x, idx)
-
-    def _forward_levels_hooked(self, x: torch.Tensor, idx: list[int]) -> list[torch.Tensor]:
-        """Hierarchical backbones: capture block outputs with hooks and return them as NCHW."""
-        outs: dict[int, torch.Tensor] = {}
-        handles = []
-        for i in idx:
-            info = self.blocks[i]
-            out_info = self.blocks[i + 1] if i + 1 < len(self.blocks) else None
-            handles.append(self.block_module(i).register_forward_hook(
-                lambda m, a, y, i=i: outs.__setitem__(i, y)))
-            del info, out_info
-        try:
-            self.model.forward_features(x)
-        finally:
-            for h in handles:
-                h.remove()
-        feats = []
-        for i in idx:
-            y = outs[i]
-            if y.ndim == 4:  # Swin NHWC
-                feats.append(y.permute(0, 3, 1, 2).contiguous())
-            else:  # Hiera unrolled tokens -> raster NHWC via the model's reroll
-                feats.append(self._hiera_to_nchw(y, i))
-        return feats
-
-    def _hiera_to_nchw(self, y: torch.Tensor, i: int) -> torch.Tensor:
-        reroll = self.model.reroll
-        # timm's Reroll maps a block index to the stage its output belongs to.
-        out = reroll(y, i)
-        return out.permute(0, 3, 1, 2).contiguous()
+        """NCHW features from the given block indices (negative indices count from the end), sorted by depth."""
+        return self.encode(x, levels=indices).levels
 
 
 def create_backbone(name: str, **kwargs) -> FrozenBackbone:
