@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from medpeft_monai.backbones import FrozenBackbone
-from medpeft_monai.peft.core import PeftError, find_backbone, load_peft_state_dict
+from medpeft_monai.peft.core import PeftError, adapter_parameters, find_backbone, load_peft_state_dict
 from medpeft_monai.utils import atomic_path, write_text_atomic
 
 __all__ = [
@@ -232,7 +232,7 @@ def _image_paths(folder: str | None, limit: int) -> list[Path]:
 # ------------------------------------------------------------------------------------------ CLI
 def _load_backbone_adapter(backbone: FrozenBackbone, payload: dict, source: str) -> None:
     """Load the backbone part of an adapter artefact saved from a whole network (classifier, segmenter)."""
-    mine = [n for n, p in backbone.named_parameters() if p.requires_grad]
+    mine = list(adapter_parameters(backbone))
     state = payload.get("state_dict", {})
     prefixes = {k[: -len(mine[0])] for k in state if k.endswith(mine[0])} if mine else {""}
     for prefix in sorted(prefixes, key=len):
@@ -297,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
     backbone = FrozenBackbone(name, weights=args.weights, image_size=size, in_chans=in_chans, model_kwargs=kwargs)
     try:
-        apply_peft(backbone, peft)
+        config = apply_peft(backbone, peft)
         if payload is not None:
             _load_backbone_adapter(backbone, payload, args.adapter)
     except PeftError as err:
@@ -310,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     erf, centre = effective_receptive_field(backbone, images, batch_size=args.batch_size, layer=args.layer,
                                             return_centre=True)
     figures = erf_summary(erf, args.thresholds, args.fractions, centre)
-    method = backbone.peft_config.method
+    method = config.method
     save_erf_png(erf, args.out, title=f"ERF {name} + {method} ({len(paths)} images)", log_scale=args.log_scale)
     result = {"backbone": name, "method": method, "images": len(paths), "image_size": list(backbone.image_size),
               "layer": args.layer, "png": os.path.abspath(args.out), **figures}

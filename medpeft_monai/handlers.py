@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 from ignite.engine import Engine, Events
+from monai.engines.utils import IterationEvents
 from monai.handlers import MetricsSaver
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
@@ -18,7 +19,14 @@ from medpeft_monai.backbones import as_plain_tensor
 from medpeft_monai.peft import peft_state_dict, save_atomic
 from medpeft_monai.utils import write_csv_atomic
 
-__all__ = ["AdapterSaver", "AtomicMetricsSaver", "PredictionWriter", "output_items", "scores_and_labels"]
+__all__ = [
+    "AdapterSaver",
+    "AtomicMetricsSaver",
+    "DomainOutputs",
+    "PredictionWriter",
+    "output_items",
+    "scores_and_labels",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -45,21 +53,25 @@ def scores_and_labels(output: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class AdapterSaver:
-    """Write ``adapter.pt`` (trainable PEFT + head parameters, backbone name, method config) atomically.
+    """Write one adapter's artefact (:func:`~medpeft_monai.peft.peft_state_dict`: its tensors, config and
+    backbone identity) atomically.
 
     Attach to the validation evaluator: the file is rewritten whenever the evaluator's key metric
-    reaches a new best (MONAI's ``best_metric_epoch`` equals the current epoch), and, with
-    ``save_final=True`` attached to the trainer, once at the end of training.
+    reaches a new best (MONAI's ``best_metric_epoch`` equals the current epoch); with ``on_best=False``
+    it is written once when the engine completes.
 
     Args:
         network: the PEFT network being trained.
         save_dir: folder for the file (usually the bundle's ``models/``).
         filename: file name, default ``adapter.pt``.
         on_best: save on a new best key metric (attach to the evaluator).
+        adapter: name of the adapter to save (default ``"default"``, the one a network's ``peft`` builds).
     """
 
-    def __init__(self, network: nn.Module, save_dir: str, filename: str = "adapter.pt", on_best: bool = True) -> None:
+    def __init__(self, network: nn.Module, save_dir: str, filename: str = "adapter.pt", on_best: bool = True,
+                 adapter: str = "default") -> None:
         self.network, self.path, self.on_best = network, os.path.join(save_dir, filename), on_best
+        self.adapter = adapter
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED if self.on_best else Events.COMPLETED, self)
@@ -68,7 +80,7 @@ class AdapterSaver:
         if self.on_best and getattr(engine.state, "best_metric_epoch", -1) != engine.state.epoch:
             return
         net = self.network.module if hasattr(self.network, "module") else self.network  # DDP
-        save_atomic(peft_state_dict(net), self.path)
+        save_atomic(peft_state_dict(net, self.adapter), self.path)
         logger.info(f"saved adapter artefact to {self.path}")
 
 
@@ -167,3 +179,31 @@ class AtomicMetricsSaver(MetricsSaver):
         finally:
             self.save_dir = final
             shutil.rmtree(staging, ignore_errors=True)
+
+
+class DomainOutputs:
+    """Unpack a DCRM network's outputs in an evaluator: ``pred`` = the task logits, plus the router's
+    ``domain_prob`` ``(B, K)`` and the batch's ``domain_id``.
+
+    The evaluator's inferer returns the network's :class:`~medpeft_monai.nets.dcrm.DCRMOutput` (use
+    :class:`medpeft_monai.inferers.OutputsInferer`); this handler runs at ``FORWARD_COMPLETED``, before the
+    output is decollated, so every item then carries its own ``pred``, ``domain_prob`` and ``domain_id``.
+    A plain tensor ``pred`` is left as it is.
+    """
+
+    def __init__(self, domain_key: str = "domain_id") -> None:
+        self.domain_key = domain_key
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(IterationEvents.FORWARD_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        out = engine.state.output
+        outputs = out.get(Keys.PRED)
+        if hasattr(outputs, "domain_probs"):
+            out[Keys.PRED] = outputs.pred
+            if outputs.domain_probs is not None:
+                out["domain_prob"] = outputs.domain_probs.detach()
+        batch = engine.state.batch
+        if isinstance(batch, dict) and self.domain_key in batch:
+            out["domain_id"] = torch.as_tensor(as_plain_tensor(batch[self.domain_key])).view(-1)

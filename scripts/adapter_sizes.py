@@ -63,7 +63,7 @@ def measure(config: Path, overrides: dict) -> dict:
     trainable, total = count_parameters(net)
     adapter, full = _bytes(peft_state_dict(net)), _bytes(net.state_dict())
     return {"backbone": backbone.name, "image_size": list(backbone.image_size),
-            "method": backbone.peft_config.method, "trainable": trainable, "total": total,
+            "method": net.peft_config.method, "trainable": trainable, "total": total,
             "adapter_bytes": adapter, "model_bytes": full}
 
 

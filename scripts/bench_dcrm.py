@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from medpeft_monai.engines import dcrm_total_loss
+from medpeft_monai.losses import dcrm_total_loss
 from medpeft_monai.nets import PeftClassifier
 from medpeft_monai.nets.dcrm import DCRMClassifier
 from medpeft_monai.peft import count_parameters
@@ -87,9 +87,11 @@ def prepare(variant: str, cfg: dict, device: torch.device, num_domains: int):
     def train_step():
         model.train()
         opt.zero_grad(set_to_none=True)
-        task = F.cross_entropy(model(x), y)
         if is_dcrm:
-            task, _ = dcrm_total_loss(task, model.last_domain_logits, d, model.last_synth_reg)
+            out = model(x, return_outputs=True)
+            task, _ = dcrm_total_loss(F.cross_entropy(out.pred, y), out.domain_logits, d, out.synth_reg)
+        else:
+            task = F.cross_entropy(model(x), y)
         task.backward()
         opt.step()
 
@@ -132,7 +134,7 @@ def bench(variants: list[str], cfg: dict, device: torch.device, num_domains: int
     if dcrm is not None:
         ctrl = find_controller(dcrm)
         talers = [m for m in dcrm.modules() if isinstance(m, TALer)]
-        c = dcrm.backbone.peft_config
+        c = dcrm.peft_config
         cost = psn_flops(talers[0].width, num_domains, len(talers), c.rank, c.bank_size, c.bottleneck, c.use_rescale)
         hidden = ctrl.router.contract.out_features
         psn = {"psn_params": sum(p.numel() for p in ctrl.psn.parameters()), "psn_flops": cost["total"],

@@ -43,9 +43,9 @@ from monai.data import CacheDataset, DataLoader
 from monai.utils import set_determinism
 
 from medpeft_monai.backbones import as_plain_tensor
-from medpeft_monai.data import load_datalist, sample_dataset
+from medpeft_monai.data import DomainEpisodeSampler, datalist_domains, load_datalist, sample_dataset
 from medpeft_monai.data.transforms import classification_transforms
-from medpeft_monai.engines import BilevelTrainer, DomainEpisodeSampler, datalist_domains
+from medpeft_monai.engines import BilevelTrainer
 from medpeft_monai.nets.dcrm import DCRMClassifier
 from medpeft_monai.peft import count_parameters
 from medpeft_monai.utils import write_text_atomic
@@ -85,7 +85,8 @@ def evaluate(model, loader) -> dict:
         x = as_plain_tensor(batch["image"])
         y = as_plain_tensor(batch["label"]).long().view(-1)
         d = torch.as_tensor(batch["domain_id"]).long().view(-1)
-        logits, dom = model.forward_with_domain(x)
+        out = model(x, return_outputs=True)
+        logits, dom = out.pred, out.domain_logits
         pred = logits.argmax(1)
         correct += int((pred == y).sum())
         total += y.numel()

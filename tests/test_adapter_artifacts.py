@@ -50,7 +50,7 @@ def test_adapter_on_fresh_backbone_reproduces_predictions(variant, tmp_path):
     assert payload["format"] == PEFT_FORMAT
     assert set(payload["state_dict"]) == trainable  # PEFT + head only, no frozen backbone tensor
     backbone = find_backbone(trained)
-    assert payload["backbone"] == backbone.name and payload["method"] == backbone.peft_config.to_dict()
+    assert payload["backbone"] == backbone.name and payload["method"] == trained.peft_config.to_dict()
     assert (models / "adapter.pt").stat().st_size < (models / "model.pt").stat().st_size
 
     fresh = parser.get_parsed_content("network_def", lazy=False)  # new frozen backbone, untrained adapter

@@ -11,19 +11,20 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from medpeft_monai.engines import BilevelTrainer, DomainEpisodeSampler, modulator_parameter_names, split_tasks
+from medpeft_monai.data import DomainEpisodeSampler
+from medpeft_monai.engines import BilevelTrainer, modulator_parameter_names, split_tasks
 from medpeft_monai.nets import PeftClassifier
 from medpeft_monai.nets.dcrm import DCRMClassifier, DCRMSegmenter
 from medpeft_monai.peft import PeftError, load_peft_state_dict, peft_state_dict
 from medpeft_monai.peft.dcrm import (
-    RMBQKV,
-    DomainAwareAttention,
+    DCRMBlock,
     DomainAwareBias,
+    ResidualModulation,
     TALer,
     find_controller,
     psn_flops,
 )
-from tests.conftest import TINY_VIT, copy_bundle, perturb_trainable
+from tests.conftest import TINY_VIT, TINY_VIT4, copy_bundle, perturb_trainable
 from tests.conftest import run_bundle as _run_bundle
 
 BUNDLE = "dcrm_vit_multidomain"
@@ -31,10 +32,16 @@ SIZE = 32
 K = 3
 
 
-def build(num_domains=K, seed=0, **peft):
-    name, kwargs = TINY_VIT
+def build(num_domains=K, seed=0, spec=TINY_VIT, **peft):
+    """Tiny DCRM classifier; with the 2-block ViT the router reads block 0 and block 1 is modulated."""
+    name, kwargs = spec
     torch.manual_seed(seed)
     return DCRMClassifier(name, 2, num_domains=num_domains, peft=peft, image_size=SIZE, model_kwargs=kwargs)
+
+
+def routing(model, x):
+    """The routing of one forward pass, as the network computes it (``encode``'s context)."""
+    return model.backbone.encode(x).context["default"]
 
 
 def perturb(model, std=0.05, seed=1):
@@ -58,21 +65,54 @@ def frozen_params(model):
 # ---------------------------------------------------------------------------------------------- RMB / K
 
 
-def test_k_output_is_the_frozen_projection_bit_for_bit():
-    model = perturb(build()).eval()
+def _qkv_pairs(model, x):
+    """``(frozen qkv output, modulated qkv)`` of every modulated block for one forward pass."""
     seen = []
     for m in model.modules():
-        if isinstance(m, RMBQKV):
-            m.register_forward_hook(lambda mod, inp, out: seen.append((mod, inp[0], out)))
+        if isinstance(m, DCRMBlock):
+            frozen = []
+            m.block.attn.qkv.register_forward_hook(lambda mod, inp, out, f=frozen: f.append(out.clone()))
+            m.rmb.register_forward_hook(lambda mod, inp, out, f=frozen: seen.append((f[-1], out.clone())))
     with torch.no_grad():
-        model(images())
-    assert len(seen) == 2  # both blocks
-    for mod, x, out in seen:
-        ref = mod.base(x)
+        model(x)
+    return seen
+
+
+def test_k_output_is_the_frozen_projection_bit_for_bit():
+    model = perturb(build(spec=TINY_VIT4)).eval()
+    seen = _qkv_pairs(model, images())
+    assert len(seen) == 2  # blocks 2 and 3 (the router reads block 1, mid-depth of 4)
+    for ref, out in seen:
         d = ref.shape[-1] // 3
         assert torch.equal(out[..., d:2 * d], ref[..., d:2 * d])       # K untouched
         assert not torch.allclose(out[..., :d], ref[..., :d])           # Q corrected
         assert not torch.allclose(out[..., 2 * d:], ref[..., 2 * d:])   # V corrected
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_routing_from_block_k_modulates_only_later_blocks_per_input(k):
+    model = perturb(build(spec=TINY_VIT4, route_from_block=k), std=0.2).eval()
+    bb = model.backbone
+    modulated = [i for i in range(4) if isinstance(bb.block_module(i), DCRMBlock)]
+    assert modulated == list(range(k + 1, 4)) and find_controller(model).route_from_block == k
+    a, b = images(2, seed=1), images(2, seed=2)
+    with torch.no_grad():
+        ra, rb = routing(model, a), routing(model, b)
+        # the router reads the output of block k: recompute it by stepping through the frozen blocks
+        tokens = bb.run_blocks(bb.embed(a), 0, k + 1)
+        direct = find_controller(model)(tokens)
+    torch.testing.assert_close(direct.domain_probs, ra.domain_probs, rtol=0, atol=0)
+    assert not torch.allclose(ra.domain_probs, rb.domain_probs)                      # D(x) follows the input
+    assert all(not torch.allclose(ra.synth[key], rb.synth[key]) for key in ra.synth)  # so do the corrections
+    assert {key.split(".")[1] for key in ra.synth} == {str(i) for i in modulated}
+    for x in (a, b):  # K is the frozen projection's own output in every modulated block, whatever the input
+        for ref, out in _qkv_pairs(model, x):
+            d = ref.shape[-1] // 3
+            assert torch.equal(out[..., d:2 * d], ref[..., d:2 * d])
+    with pytest.raises(PeftError, match="route_from_block=3 must leave at least one block"):
+        build(spec=TINY_VIT4, route_from_block=3)
+    with pytest.raises(PeftError, match=r"Blocks \[1\] run before the router"):
+        build(spec=TINY_VIT4, route_from_block=1, blocks=[1, 2])
 
 
 def test_k_target_is_refused():
@@ -112,8 +152,8 @@ def test_synthesised_parameters_differ_by_input_and_move_smoothly_with_domain_pr
     yy, xx = torch.meshgrid(torch.linspace(0, 1, SIZE), torch.linspace(0, 1, SIZE), indexing="ij")
     colour = torch.stack([yy, xx, 1 - yy]).unsqueeze(0)
     with torch.no_grad():
-        model(torch.cat([grey, colour]))
-        synth = ctrl.context.synth
+        r = routing(model, torch.cat([grey, colour]))
+        synth = r.synth
         a, b = (torch.cat([v[i] for v in synth.values()]) for i in (0, 1))
         assert not torch.allclose(a, b, atol=1e-4)
         taler = next(m for m in model.modules() if isinstance(m, TALer))
@@ -122,7 +162,7 @@ def test_synthesised_parameters_differ_by_input_and_move_smoothly_with_domain_pr
         assert not torch.allclose(w[0], w[1], atol=1e-5)
 
         # interpolate D(x) between one-hot domains at a fixed embedding
-        emb = ctrl.context.embedding[:1]
+        emb = r.embedding[:1]
         ts = torch.linspace(0, 1, 21)
         e0, e1 = torch.eye(K)[0], torch.eye(K)[1]
         thetas = torch.cat([_synth_vector(ctrl, emb, ((1 - t) * e0 + t * e1)[None]) for t in ts])
@@ -140,9 +180,11 @@ def test_synthesised_parameters_differ_by_input_and_move_smoothly_with_domain_pr
 
 def test_router_outputs_and_medical_subdomains():
     model = build(num_domains=5).eval()
-    logits, dom = model.forward_with_domain(images(3))
-    assert logits.shape == (3, 2) and dom.shape == (3, 5)
-    torch.testing.assert_close(model.last_domain_probs.sum(1), torch.ones(3))
+    out = model(images(3), return_outputs=True)
+    assert out.pred.shape == (3, 2) and out.domain_logits.shape == (3, 5)
+    torch.testing.assert_close(out.domain_probs.sum(1), torch.ones(3))
+    torch.testing.assert_close(out.domain_probs, torch.softmax(out.domain_logits, 1))
+    torch.testing.assert_close(out.pred, model(images(3)), rtol=0, atol=0)
     with pytest.raises(PeftError, match="num_domains"):
         build(num_domains=1)
 
@@ -175,31 +217,26 @@ def test_bias_mixing_is_sum_of_domain_matrices(form):
         assert m[0, 1] == m[3, 4] and m[1, 0] == m[4, 3]
 
 
-def test_dab_reaches_attention_as_attn_mask():
-    model = perturb(build()).eval()
-    masks = []
-    for m in model.modules():
-        if isinstance(m, DomainAwareAttention):
-            m.attn.register_forward_pre_hook(lambda mod, a, kw: masks.append(kw.get("attn_mask")), with_kwargs=True)
-            dab = m
+def test_modulated_attention_is_softmax_of_logits_plus_mixed_bias():
+    # float64: the fused attention kernel and the explicit softmax then agree to rounding on any CPU
+    model = perturb(build(), std=0.2).double().eval()
+    blk = next(m for m in model.modules() if isinstance(m, DCRMBlock))
+    x = images(2).double()
+    r = routing(model, x)
+    attn = blk.block.attn
+    h = torch.randn(2, blk.bias.num_tokens, attn.qkv.in_features, dtype=torch.float64)
     with torch.no_grad():
-        model(images(2))
-    assert len(masks) == 2 and all(mk is not None for mk in masks)
-    probs = model.last_domain_probs
-    torch.testing.assert_close(masks[-1], dab.bias(probs))
+        got = blk.attention(h, r)
+        qkv = blk.rmb(attn.qkv(h), h, r.synth)
+        q, k, v = qkv.reshape(2, h.shape[1], 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        logits = q @ k.transpose(-2, -1) * attn.scale + blk.bias(r.domain_probs)
+        ref = attn.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(2, h.shape[1], -1))
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        blk.bias.table.zero_()
+        assert not torch.allclose(blk.attention(h, r), got)  # the bias really enters the logits
 
 
 # ---------------------------------------------------------------------------------------------- ablations
-
-
-def _attn_masks(model):
-    masks = []
-    for blk in model.backbone.model.blocks:
-        inner = blk.attn.attn if isinstance(blk.attn, DomainAwareAttention) else blk.attn
-        inner.register_forward_pre_hook(lambda mod, a, kw: masks.append(kw.get("attn_mask")), with_kwargs=True)
-    with torch.no_grad():
-        model(images(2))
-    return masks
 
 
 def test_each_ablation_switch_removes_its_component():
@@ -210,30 +247,44 @@ def test_each_ablation_switch_removes_its_component():
     assert any(n.endswith("rescale") for n in names)
 
     m = build(use_rmb=False)
-    assert not any(isinstance(x, (RMBQKV, TALer)) for x in m.modules()) and find_controller(m).psn is None
-    assert all(isinstance(b.attn.attn.qkv, torch.nn.Linear) for b in m.backbone.model.blocks)
+    assert not any(isinstance(x, (ResidualModulation, TALer)) for x in m.modules()) and find_controller(m).psn is None
+    assert all(b.rmb is None for b in m.modules() if isinstance(b, DCRMBlock))
 
     m = build(use_router=False).eval()
     assert find_controller(m).router is None
-    _, dom = m.forward_with_domain(images(2))
-    assert dom is None and torch.equal(m.last_domain_probs, torch.full((2, K), 1.0 / K))
+    out = m(images(2), return_outputs=True)
+    assert out.domain_logits is None and torch.equal(out.domain_probs, torch.full((2, K), 1.0 / K))
 
     m = perturb(build(use_psn=False)).eval()
     assert find_controller(m).psn is None
-    x = images(3)
     with torch.no_grad():
-        m(x)
-        assert m.dcrm.context.synth is None and float(m.last_synth_reg) == 0.0
+        r = routing(m, images(3))
+    assert r.synth is None and float(r.synth_reg) == 0.0
 
     m = build(use_dab=False)
-    assert not any(isinstance(x, (DomainAwareAttention, DomainAwareBias)) for x in m.modules())
-    assert all(mask is None for mask in _attn_masks(m))
-    assert all(mask is not None for mask in _attn_masks(build()))
+    assert not any(isinstance(x, DomainAwareBias) for x in m.modules())
+    assert all(b.bias is None for b in m.modules() if isinstance(b, DCRMBlock))
 
     m = build(use_rescale=False)
     talers = [x for x in m.modules() if isinstance(x, TALer)]
     assert all(t.rescale is None for t in talers)
     assert talers[0].synth_size == next(t for t in build().modules() if isinstance(t, TALer)).synth_size - 1
+
+
+def test_optimizer_groups_keep_meta_and_bias_parameters_out_of_weight_decay():
+    from medpeft_monai.peft import param_groups
+
+    model = build()
+    groups = {g["name"]: g for g in param_groups(model, 1e-3, 1e-3, weight_decay=0.05)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for g in groups.values() if g["weight_decay"] == 0.0 for p in g["params"]}
+    decay = {names[id(p)] for g in groups.values() if g["weight_decay"] == 0.05 for p in g["params"]}
+    assert any(n.endswith("log_inner_lr") for n in no_decay)
+    assert any(".bias.table" in n for n in no_decay) and any(n.endswith("coef_down") for n in no_decay)
+    assert any(n.endswith("coef_up") for n in no_decay)
+    assert any(".bank_down" in n for n in decay) and any(".psn." in n for n in decay)
+    assert not any(n.endswith(("log_inner_lr", "coef_down", "coef_up")) or ".bias.table" in n for n in decay)
+    assert no_decay | decay == {n for n, p in model.named_parameters() if p.requires_grad}
 
 
 def test_no_meta_learning_runs_no_inner_loop(monkeypatch):
@@ -360,16 +411,16 @@ def test_peft_state_dict_round_trip_reproduces_outputs():
     model = perturb(build()).eval()
     payload = peft_state_dict(model)
     assert payload["method"]["method"] == "dcrm"
-    assert any(".dcrm.router." in n for n in payload["state_dict"]) and any(".psn." in n for n in payload["state_dict"])
-    assert not any(n.endswith("qkv.base.weight") for n in payload["state_dict"])
+    state = payload["state_dict"]
+    assert any(".routers.dcrm.router." in n for n in state) and any(".psn." in n for n in state)
+    assert not any(n.endswith("qkv.weight") for n in state)
     fresh = build().eval()
     load_peft_state_dict(fresh, copy.deepcopy(payload))
     x = images(3)
     with torch.no_grad():
-        a, da = model.forward_with_domain(x)
-        b, db = fresh.forward_with_domain(x)
-    assert torch.equal(a, b) and torch.equal(da, db)
-    with pytest.raises(PeftError, match="PEFT config"):
+        a, b = model(x, return_outputs=True), fresh(x, return_outputs=True)
+    assert torch.equal(a.pred, b.pred) and torch.equal(a.domain_logits, b.domain_logits)
+    with pytest.raises(PeftError, match="made with config"):
         load_peft_state_dict(build(use_dab=False), payload)
 
 
@@ -394,8 +445,9 @@ def test_segmenter_returns_logits_and_domain_logits():
     name, kwargs = TINY_VIT
     seg = DCRMSegmenter(name, 3, num_domains=2, image_size=SIZE, model_kwargs=kwargs).eval()
     with torch.no_grad():
-        y, dom = seg.forward_with_domain(images(2))
-    assert y.shape == (2, 3, SIZE, SIZE) and dom.shape == (2, 2)
+        out = seg(images(2), return_outputs=True)
+        assert torch.equal(out.pred, seg(images(2)))
+    assert out.pred.shape == (2, 3, SIZE, SIZE) and out.domain_logits.shape == (2, 2)
 
 
 # ---------------------------------------------------------------------------------------------- bundle
@@ -412,7 +464,7 @@ def test_dcrm_bundle_train_evaluate_infer(tmp_path):
     rows = list(csv.DictReader((bundle / "eval" / "per_domain_accuracy.csv").open()))
     from medpeft_monai.data import sample_dataset
 
-    datalist = json.loads((Path(sample_dataset("medical_vs_natural")) / "datalist.json").read_text())
+    datalist = json.loads((Path(sample_dataset("multidomain_lesion")) / "datalist.json").read_text())
     test_domains = {e["domain"] for e in datalist["test"]}
     assert {r["domain"] for r in rows} == test_domains | {"all"}
     assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in rows)
@@ -422,7 +474,7 @@ def test_dcrm_bundle_train_evaluate_infer(tmp_path):
     preds = list(csv.DictReader((bundle / "eval" / "predictions.csv").open()))
     assert len(preds) == len(datalist["test"])
     row = preds[0]
-    assert abs(float(row["p_medical"]) + float(row["p_natural"]) - 1) < 1e-4
+    assert abs(float(row["p_normal"]) + float(row["p_lesion"]) - 1) < 1e-4
     dom_cols = [c for c in row if c.startswith("p_domain_")]
     assert len(dom_cols) == len(datalist["domains"])
     assert abs(sum(float(row[c]) for c in dom_cols) - 1) < 1e-4
@@ -440,8 +492,9 @@ def test_dcrm_segmentation_variant_trains_and_writes_masks(tmp_path):
     assert (bundle / "models" / "model_seg.pt").is_file() and (bundle / "models" / "adapter_seg.pt").is_file()
     run_bundle(bundle, ["inference_seg.json"], *small)
 
-    folder = Path(sample_dataset("ultrasound_lesion"))
-    test = json.loads((folder / "datalist.json").read_text())["test"]
+    folder = Path(sample_dataset("multidomain_segmentation"))
+    datalist = json.loads((folder / "datalist.json").read_text())
+    test = datalist["test"]
     masks = sorted((bundle / "eval" / "seg").glob("*_seg.png"))
     assert len(masks) == len(test)
     for item in test:
@@ -450,4 +503,4 @@ def test_dcrm_segmentation_variant_trains_and_writes_masks(tmp_path):
         assert mask.shape == image.shape[:2] and set(np.unique(mask)) <= {0, 1}
     assert not list((bundle / "eval" / "seg").glob(".tmp-*"))  # atomic writes leave no temporary files
     rows = list(csv.DictReader((bundle / "eval" / "seg" / "domains.csv").open()))
-    assert len(rows) == len(test) and all(r["pred_domain_name"] in ("medical", "natural") for r in rows)
+    assert len(rows) == len(test) and all(r["pred_domain_name"] in datalist["domains"] for r in rows)

@@ -128,7 +128,7 @@ def test_torchrun_two_processes_gloo_cpu(tmp_path, variant):
 def _domain_accuracy_rank(rank, port, out_dir):
     import torch.distributed as dist
 
-    from medpeft_monai.engines import DomainAccuracy
+    from medpeft_monai.metrics import DomainAccuracy
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:

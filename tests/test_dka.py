@@ -63,25 +63,120 @@ def random_conv(m=4, large=51, small=5, seed=0, std=0.02, dtype=torch.float32) -
     return conv
 
 
-GRIDS = [(4, 4), (4, 6), (7, 3), (1, 5), (26, 26), (60, 60), (30, 70)]
+# square and non-square, smaller than the 51x51 reach (cropped kernel) and larger than it (full kernel)
+GRIDS = [(4, 4), (4, 6), (7, 3), (1, 5), (3, 40), (26, 26), (60, 60), (30, 70)]
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest difference relative to the reference's scale (gradients of kernels sum over B*H*W terms)."""
+    return (a - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+
+
+def forward_backward(conv: DualKernelConv, z: torch.Tensor, grad_out: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Output and gradients of ``sum(conv(z) * grad_out)`` for the input and every branch parameter."""
+    conv.zero_grad(set_to_none=True)
+    z = z.detach().clone().requires_grad_()
+    out = conv(z)
+    (out * grad_out).sum().backward()
+    return {"output": out.detach(), "input": z.grad, **{n: p.grad for n, p in conv.named_parameters()}}
+
+
+def count_branch_calls(conv: DualKernelConv) -> list:
+    calls = []
+    for name in ("large", "small"):
+        getattr(conv, name).register_forward_hook(lambda mod, inp, out, name=name: calls.append(name))
+    return calls
+
+
+def test_auto_path_takes_the_single_kernel_where_the_grid_crops_it():
+    conv = random_conv()
+    assert conv.path == "auto"
+    single = {g: conv.uses_single_kernel(g) for g in GRIDS + [(14, 14), (24, 24), (25, 25), (40, 24)]}
+    # cropped kernels (fewer multiply-adds) -> single; grids reaching the full 51x51 kernel -> two branches
+    assert single == {(4, 4): True, (4, 6): True, (7, 3): True, (1, 5): True, (3, 40): True, (14, 14): True,
+                      (24, 24): True, (25, 25): True, (40, 24): True,
+                      (26, 26): False, (60, 60): False, (30, 70): False}
+    conv.path = "single"
+    assert conv.uses_single_kernel((60, 60))
+    conv.path = "two_branch"
+    assert not conv.uses_single_kernel((4, 4))
+    with pytest.raises(PeftError, match="path must be one of"):
+        conv.path = "merged"
+    with pytest.raises(PeftError, match="path must be one of"):
+        DualKernelConv(4, path="fast")
+    assert "path='auto'" in repr(DualKernelConv(4))
+
+
+@pytest.mark.parametrize("path", ["auto", "single"])
+@pytest.mark.parametrize("grid", GRIDS)
+def test_training_path_equals_two_branch_reference(grid, path):
+    """The training path (default "auto", and the single kernel forced on every grid): outputs and the
+    gradients of input, both weights and both biases are those of the two-branch form."""
+    conv = random_conv()
+    conv.path = path
+    calls = count_branch_calls(conv)
+    gen = torch.Generator().manual_seed(1)
+    z, g = torch.randn(2, 4, *grid, generator=gen), torch.randn(2, 4, *grid, generator=gen)
+    fast = forward_backward(conv, z, g)
+    single = conv.uses_single_kernel(grid)
+    assert single == (path == "single" or cropped_kernel_size(51, grid) != (51, 51))
+    assert calls == ([] if single else ["large", "small"]), "the single kernel runs neither branch convolution"
+    conv.path = "two_branch"
+    ref = forward_backward(conv, z, g)
+    assert calls[-2:] == ["large", "small"], "the reference runs the two branches"
+    assert set(fast) == {"output", "input", "large.weight", "large.bias", "small.weight", "small.bias"}
+    assert ref["output"].abs().max() > 0.1
+    for name in fast:
+        assert fast[name].shape == ref[name].shape, name
+        assert rel_err(fast[name], ref[name]) <= 1e-5, name
+    assert (fast["output"] - ref["output"]).abs().max().item() <= 1e-5
+    assert (fast["input"] - ref["input"]).abs().max().item() <= 1e-5
+    # offsets the grid cannot reach get exactly no gradient in either form
+    kh, kw = cropped_kernel_size(51, grid)
+    outside = torch.ones(51, 51, dtype=torch.bool)
+    outside[(51 - kh) // 2:(51 + kh) // 2, (51 - kw) // 2:(51 + kw) // 2] = False
+    assert not fast["large.weight"][..., outside].any() and not ref["large.weight"][..., outside].any()
+
+
+@pytest.mark.parametrize("grid", [(4, 6), (1, 5), (3, 40), (30, 30)])
+def test_training_path_gradients_are_exact_in_float64(grid):
+    conv = random_conv(std=0.5, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 4, *grid, generator=gen, dtype=torch.float64)
+    g = torch.randn(2, 4, *grid, generator=gen, dtype=torch.float64)
+    conv.path = "single"
+    fast = forward_backward(conv, z, g)
+    conv.path = "two_branch"
+    ref = forward_backward(conv, z, g)
+    for name in fast:
+        assert rel_err(fast[name], ref[name]) <= 1e-12, name
 
 
 @pytest.mark.parametrize("grid", GRIDS)
 def test_dual_kernel_merged_equals_two_branches(grid):
     conv = random_conv()
     z = torch.randn(2, 4, *grid)
-    ref = conv(z)
+    ref = conv.two_branch(z)
     assert ref.abs().max() > 0.1
-    assert torch.allclose(ref, conv.large(z) + conv.small(z))
+    assert torch.equal(ref, conv.large(z) + conv.small(z))
+    train_path = conv(z)
+    assert (train_path - ref).abs().max().item() <= 1e-5
+    conv.path = "single"
+    single = conv(z)
     conv.merge()
     with torch.no_grad():
         fast = conv(z)  # cached kernel
     assert fast.shape == ref.shape
     assert (fast - ref).abs().max().item() <= 1e-5
     fast_grad = conv(z)  # differentiable merged path
-    assert (fast_grad - ref).abs().max().item() <= 1e-5
+    assert fast_grad.grad_fn is not None and torch.equal(fast_grad, single)
     conv.unmerge()
+    assert torch.equal(conv(z), single)
+    conv.path = "two_branch"
     assert torch.equal(conv(z), ref)
+    conv.merge()  # merged wins over the path: inference uses the cached kernel
+    with torch.no_grad():
+        assert torch.equal(conv(z), fast)
 
 
 @pytest.mark.parametrize("grid", GRIDS)
@@ -89,7 +184,7 @@ def test_dual_kernel_merge_is_exact_in_float64(grid):
     conv = random_conv(std=0.5, dtype=torch.float64)
     z = torch.randn(2, 4, *grid, dtype=torch.float64)
     with torch.no_grad():
-        ref = conv(z)
+        ref = conv.two_branch(z)
         conv.merge()
         fast = conv(z)
     assert (fast - ref).abs().max().item() <= 1e-10 * max(1.0, ref.abs().max().item())
@@ -110,9 +205,11 @@ def test_merged_kernel_is_padded_sum():
     expected = conv.large.weight.clone()
     expected[:, :, 3:6, 3:6] += conv.small.weight
     assert torch.allclose(w, expected) and torch.allclose(b, conv.large.bias + conv.small.bias)
-    # cropping keeps the centre
+    # cropping keeps the centre, also when the crop is smaller than the small kernel
     wc, _ = conv.merged_kernel((2, 3))
     assert torch.equal(wc, w[:, :, 3:6, 2:7])
+    w1, _ = conv.merged_kernel((1, 2))
+    assert torch.equal(w1, w[:, :, 4:5, 3:6])
 
 
 def test_merged_cache_follows_parameter_updates():
@@ -125,18 +222,67 @@ def test_merged_cache_follows_parameter_updates():
         fast = conv(z)
     conv.unmerge()
     assert (fast - conv(z)).abs().max().item() <= 1e-4
+    # loading a state dict changes them too
+    other = random_conv(seed=3)
+    conv.merge()
+    with torch.no_grad():
+        conv(z)
+        conv.load_state_dict(other.state_dict())
+        loaded = conv(z)
+        assert (loaded - other.two_branch(z)).abs().max().item() <= 1e-5
+    assert len(conv._cache) == 1
+
+
+def test_optimizer_steps_on_the_training_path_match_the_reference():
+    """A few AdamW steps on the single-kernel path move the branch parameters as on the two-branch path."""
+    z = torch.randn(2, 4, 5, 7, generator=torch.Generator().manual_seed(1))
+    finals = []
+    for path in ("single", "two_branch"):
+        conv = random_conv()
+        conv.path = path
+        opt = torch.optim.AdamW(conv.parameters(), lr=1e-3)
+        for _ in range(3):
+            opt.zero_grad()
+            conv(z).square().sum().backward()
+            opt.step()
+        finals.append([p.detach().clone() for p in conv.parameters()])
+    for fast, ref in zip(*finals):
+        assert (fast - ref).abs().max().item() <= 1e-6
 
 
 def test_merged_training_gradients_match_reference():
     conv = random_conv()
     z = torch.randn(2, 4, 5, 7)
+    conv.path = "two_branch"
     conv(z).square().sum().backward()
     ref = [p.grad.clone() for p in conv.parameters()]
     conv.zero_grad()
     conv.merge()
     conv(z).square().sum().backward()
     for g_ref, p in zip(ref, conv.parameters()):
-        assert torch.allclose(g_ref, p.grad, atol=1e-4, rtol=1e-5)
+        assert rel_err(p.grad, g_ref) <= 1e-5
+
+
+def test_whole_model_training_step_matches_two_branch_reference():
+    """Every adapter of a classifier on the single-kernel path gives the reference loss and gradients."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 3, 64, 64, generator=gen), torch.tensor([0, 1, 2, 0])
+    grads = []
+    for path in ("auto", "two_branch"):
+        model = perturb_trainable(tiny_classifier(dropout=0.0), seed=1).train()
+        convs = [m for m in model.modules() if isinstance(m, DualKernelConv)]
+        assert len(convs) == 2 and all(c.path == "auto" and c.uses_single_kernel((4, 4)) for c in convs)
+        for c in convs:
+            c.path = path
+        model.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (loss, fast), (loss_ref, ref) = grads
+    assert abs(loss.item() - loss_ref.item()) <= 1e-5
+    assert fast.keys() == ref.keys() and any("small.weight" in n for n in fast)
+    for n in fast:
+        assert rel_err(fast[n], ref[n]) <= 1e-5, n
 
 
 def test_config_validation():

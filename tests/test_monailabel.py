@@ -222,8 +222,8 @@ def test_monailabel_server_infers_with_image_geometry(label_server, trained_tiny
     # a bundle variant: DCRM-ViT's segmentation model (inference_seg.json, model_seg.pt), on a PNG
     assert "dcrm_vit_multidomain" not in info["models"]  # the classification model is not served
     model = info["models"][DCRM_SEG]
-    assert model["type"] == "segmentation" and model["dimension"] == 2 and model["labels"] == {"lesion": 1}
-    data = Path(sample_dataset("ultrasound_lesion"))
+    assert model["type"] == "segmentation" and model["dimension"] == 2 and model["labels"] == {"foreground": 1}
+    data = Path(sample_dataset("multidomain_segmentation"))
     item = json.loads((data / "datalist.json").read_text())["test"][0]
     image_path = data / item["image"]
     out = post_for_label(url, DCRM_SEG, image_path, tmp_path)

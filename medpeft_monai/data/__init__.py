@@ -1,6 +1,6 @@
 """Datalists, offline sample data sets and MONAI transform presets."""
 
-from .datalist import DatalistError, load_datalist, write_datalist
+from .datalist import DatalistError, datalist_domains, load_datalist, write_datalist
 from .sample_data import (
     SAMPLE_DATASETS,
     sample_data_root,
@@ -8,6 +8,7 @@ from .sample_data import (
     simulate_fundus,
     simulate_ultrasound,
 )
+from .samplers import DomainEpisodeSampler
 from .transforms import (
     DropTrailingSingletond,
     MatchChannelsd,
@@ -18,9 +19,11 @@ from .transforms import (
 __all__ = [
     "SAMPLE_DATASETS",
     "DatalistError",
+    "DomainEpisodeSampler",
     "DropTrailingSingletond",
     "MatchChannelsd",
     "classification_transforms",
+    "datalist_domains",
     "load_datalist",
     "sample_data_root",
     "sample_dataset",

@@ -22,7 +22,7 @@ from monai.data import load_decathlon_datalist
 
 from medpeft_monai.utils import write_text_atomic
 
-__all__ = ["DatalistError", "load_datalist", "write_datalist"]
+__all__ = ["DatalistError", "datalist_domains", "load_datalist", "write_datalist"]
 
 _PATH_KEYS = ("image", "label")
 
@@ -164,3 +164,14 @@ def write_datalist(path: str | os.PathLike, sections: Mapping[str, Any]) -> str:
 
 def _is_abs_path(value: Any) -> bool:
     return isinstance(value, (str, os.PathLike)) and os.path.isabs(os.fspath(value))
+
+
+def datalist_domains(datalist: str | os.PathLike) -> list[str]:
+    """The top-level ``"domains"`` list of a datalist JSON (index = ``domain_id``)."""
+    with open(datalist, encoding="utf-8") as f:
+        data = json.load(f)
+    domains = data.get("domains") if isinstance(data, dict) else None
+    if not isinstance(domains, list) or not domains:
+        raise ValueError(f"Datalist {datalist} has no top-level 'domains' list; add one (names indexed by the "
+                         "entries' domain_id) or set num_domains / domain names in the config.")
+    return [str(d) for d in domains]

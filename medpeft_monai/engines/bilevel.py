@@ -1,4 +1,4 @@
-"""Bi-level (MAML-style) training of DCRM-ViT as a MONAI/Ignite engine, plus the helpers its bundles use.
+"""Bi-level (MAML-style) training of DCRM-ViT as a MONAI/Ignite engine.
 
 :class:`BilevelTrainer` is a MONAI ``SupervisedTrainer`` (handlers, metrics, ``run()``, StatsHandler
 output) whose iteration is one *episode*:
@@ -26,54 +26,39 @@ paper's bi-level scheme is meant to remove. ``support_weight=0`` gives the plain
 
 ``mode="joint"`` is the "no meta-learning" ablation: one ordinary step on ``L`` over the whole batch.
 
-Bundle helpers: :class:`DomainEpisodeSampler` (batches of ``tasks x shots`` images from distinct
-domains, class-balanced across tasks), :class:`DomainOutputs` (adds the router's ``domain_prob`` and
-the batch's ``domain_id`` to an evaluator's output), :class:`DomainAccuracy` (accuracy overall and per
-domain, as metrics and a CSV) and :func:`datalist_domains`. Per-image class and domain probabilities
-are written by :class:`medpeft_monai.handlers.PredictionWriter`.
+The losses of a pass come from the network's explicit outputs (:func:`network_outputs`: task logits,
+router logits, ``L_reg``), never from state left on the network.
+
+The bundles' other DCRM pieces live with their kind: :class:`~medpeft_monai.data.samplers.DomainEpisodeSampler`
+(episodes of ``tasks x shots`` images from distinct domains), :class:`~medpeft_monai.losses.DCRMLoss`,
+:class:`~medpeft_monai.metrics.DomainAccuracy` (accuracy overall and per domain),
+:class:`~medpeft_monai.handlers.DomainOutputs` and :class:`~medpeft_monai.inferers.OutputsInferer`
+(router outputs in an evaluator) and :func:`~medpeft_monai.data.datalist_domains`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import inspect
 import logging
-import math
-import os
 import re
-from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from ignite.engine import Engine
-from ignite.metrics import Metric
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 from torch.func import functional_call
-from torch.utils.data import Sampler
 
 from medpeft_monai.backbones import as_plain_tensor
-from medpeft_monai.distributed import get_rank, get_world_size
-from medpeft_monai.handlers import output_items
+from medpeft_monai.distributed import get_world_size
+from medpeft_monai.losses import DCRMLoss, dcrm_total_loss
+from medpeft_monai.nets.dcrm import DCRMOutput
 from medpeft_monai.peft.dcrm import TALer, find_controller
-from medpeft_monai.utils import write_csv_atomic
 
-__all__ = [
-    "BilevelTrainer",
-    "DCRMLoss",
-    "DomainAccuracy",
-    "DomainEpisodeSampler",
-    "DomainOutputs",
-    "datalist_domains",
-    "dcrm_total_loss",
-    "modulator_parameter_names",
-    "split_tasks",
-]
+__all__ = ["BilevelTrainer", "modulator_parameter_names", "network_outputs", "split_tasks"]
 
 MODES = ("bilevel", "joint")
 logger = logging.getLogger(__name__)
@@ -83,46 +68,15 @@ def _unwrap(network: nn.Module) -> nn.Module:
     return network.module if hasattr(network, "module") and isinstance(network.module, nn.Module) else network
 
 
-# ---------------------------------------------------------------------------------------------- loss
+def network_outputs(net: nn.Module, x: torch.Tensor, params: dict | None = None) -> DCRMOutput:
+    """One forward pass as a :class:`~medpeft_monai.nets.dcrm.DCRMOutput`.
 
-
-def dcrm_total_loss(task: torch.Tensor, domain_logits: torch.Tensor | None = None,
-                    domain_target: torch.Tensor | None = None, synth_reg: torch.Tensor | None = None,
-                    beta: float = 0.1, reg_weight: float = 1e-3) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``L_total = L_task + beta * CE(domain_logits, domain_target) + reg_weight * L_reg``.
-
-    The domain term is 0 without router logits (ablation w/o DR) or targets; the regulariser is 0
-    without a PSN. Returns ``(total, {"task", "domain", "reg"})``.
+    DCRM networks are asked for their outputs (``return_outputs=True``); any other network's tensor output
+    becomes ``DCRMOutput(pred)``. With ``params`` the pass uses them (``torch.func.functional_call``).
     """
-    zero = task.new_zeros(())
-    domain = zero
-    if domain_logits is not None and domain_target is not None and beta:
-        domain = F.cross_entropy(domain_logits.float(), domain_target.long().view(-1).to(domain_logits.device))
-    reg = synth_reg.to(task.dtype) if synth_reg is not None else zero
-    total = task + beta * domain + reg_weight * reg
-    return total, {"task": task.detach(), "domain": domain.detach(), "reg": reg.detach()}
-
-
-class DCRMLoss(nn.Module):
-    """The total DCRM loss around a task loss (``CrossEntropyLoss``, ``DiceCELoss``, ...).
-
-    ``forward(pred, target, domain_logits=None, domain_target=None, synth_reg=None)`` returns
-    ``L_task + beta * L_domain + reg_weight * L_reg``; the parts of the last call are in ``last_parts``.
-    """
-
-    def __init__(self, task_loss: Callable, beta: float = 0.1, reg_weight: float = 1e-3) -> None:
-        super().__init__()
-        self.task_loss, self.beta, self.reg_weight = task_loss, float(beta), float(reg_weight)
-        self.last_parts: dict[str, torch.Tensor] = {}
-
-    def task(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.task_loss(pred, target).mean()
-
-    def forward(self, pred: torch.Tensor, target: torch.Tensor, domain_logits: torch.Tensor | None = None,
-                domain_target: torch.Tensor | None = None, synth_reg: torch.Tensor | None = None) -> torch.Tensor:
-        total, self.last_parts = dcrm_total_loss(self.task(pred, target), domain_logits, domain_target, synth_reg,
-                                                 self.beta, self.reg_weight)
-        return total
+    kwargs = {"return_outputs": True} if "return_outputs" in inspect.signature(net.forward).parameters else {}
+    out = net(x, **kwargs) if params is None else functional_call(net, params, (x,), kwargs)
+    return out if kwargs else DCRMOutput(out)
 
 
 # ---------------------------------------------------------------------------------------------- tasks
@@ -154,83 +108,6 @@ def split_tasks(domains: torch.Tensor, query_fraction: float = 0.5) -> list[tupl
     if singles:
         tasks.append(split(torch.cat(singles)))
     return tasks
-
-
-class DomainEpisodeSampler(Sampler):
-    """Batch sampler of episodes: ``tasks_per_episode`` distinct domains x up to ``shots`` images each.
-
-    Args:
-        domain_ids: domain id of every dataset item.
-        tasks_per_episode: domains per batch.
-        shots: images drawn per domain (without replacement; all of them if the domain has fewer).
-        num_episodes: batches per epoch (default: ``ceil(len(domain_ids) / (tasks_per_episode * shots))``).
-        class_ids: class label of every item; if given, the domains of an episode are drawn round-robin
-            over the classes (by each domain's majority class), so a binary task sees both classes.
-        seed: base seed; epoch ``e`` uses ``seed + e``, so runs are reproducible.
-        num_replicas, rank: for multi-process training (``torchrun``): every process draws the same
-            ``ceil(num_episodes / num_replicas) * num_replicas`` episodes and keeps every
-            ``num_replicas``-th one from ``rank`` on, so the processes train on different episodes and
-            run the same number of iterations. Default: the ``torch.distributed`` world size and rank
-            when a process group is initialised, else 1 and 0.
-
-    Use as ``DataLoader(dataset, batch_sampler=DomainEpisodeSampler(...))``.
-    """
-
-    def __init__(self, domain_ids: Sequence[int], tasks_per_episode: int = 2, shots: int = 4,
-                 num_episodes: int | None = None, class_ids: Sequence[int] | None = None, seed: int = 0,
-                 num_replicas: int | None = None, rank: int | None = None) -> None:
-        self.domain_ids = [int(d) for d in domain_ids]
-        if not self.domain_ids:
-            raise ValueError("DomainEpisodeSampler needs at least one item.")
-        if tasks_per_episode < 1 or shots < 1:
-            raise ValueError(f"tasks_per_episode and shots must be >= 1, got {tasks_per_episode}, {shots}.")
-        self.by_domain: dict[int, list[int]] = defaultdict(list)
-        for i, d in enumerate(self.domain_ids):
-            self.by_domain[d].append(i)
-        self.tasks = min(int(tasks_per_episode), len(self.by_domain))
-        self.shots = int(shots)
-        self.num_episodes = int(num_episodes or math.ceil(len(self.domain_ids) / (self.tasks * self.shots)))
-        self.by_class: dict[int, list[int]] | None = None
-        if class_ids is not None:
-            if len(class_ids) != len(self.domain_ids):
-                raise ValueError("class_ids and domain_ids must have the same length.")
-            self.by_class = defaultdict(list)
-            for d, items in self.by_domain.items():
-                labels = [int(class_ids[i]) for i in items]
-                self.by_class[max(set(labels), key=labels.count)].append(d)
-        self.seed, self.epoch = int(seed), 0
-        self.num_replicas = int(num_replicas if num_replicas is not None else get_world_size())
-        self.rank = int(rank if rank is not None else get_rank())
-        if self.num_replicas < 1 or not 0 <= self.rank < self.num_replicas:
-            raise ValueError(f"rank must be in [0, num_replicas), got rank={self.rank}, "
-                             f"num_replicas={self.num_replicas}.")
-
-    def __len__(self) -> int:
-        """Episodes this process runs per epoch."""
-        return math.ceil(self.num_episodes / self.num_replicas)
-
-    def _domains(self, rng: np.random.Generator) -> list[int]:
-        if self.by_class is None:
-            return [int(d) for d in rng.choice(sorted(self.by_domain), size=self.tasks, replace=False)]
-        classes = sorted(self.by_class)
-        start = int(rng.integers(len(classes)))
-        chosen: list[int] = []
-        for j in range(self.tasks):
-            pool = [d for d in self.by_class[classes[(start + j) % len(classes)]] if d not in chosen]
-            pool = pool or [d for d in self.by_domain if d not in chosen]
-            chosen.append(int(rng.choice(sorted(pool))))
-        return chosen
-
-    def __iter__(self) -> Iterator[list[int]]:
-        rng = np.random.default_rng(self.seed + self.epoch)
-        self.epoch += 1
-        for episode in range(len(self) * self.num_replicas):
-            batch: list[int] = []
-            for d in self._domains(rng):
-                items = self.by_domain[d]
-                batch += [items[i] for i in rng.permutation(len(items))[:self.shots]]
-            if episode % self.num_replicas == self.rank:
-                yield batch
 
 
 def modulator_parameter_names(network: nn.Module) -> list[str]:
@@ -328,14 +205,12 @@ class BilevelTrainer(SupervisedTrainer):
         return torch.as_tensor(as_plain_tensor(value) if isinstance(value, torch.Tensor) else value,
                                dtype=torch.long).view(-1).to(device)
 
-    def _loss(self, net: nn.Module, pred: torch.Tensor, target: torch.Tensor,
+    def _loss(self, out: DCRMOutput, target: torch.Tensor,
               domains: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """``(L_task with graph, L_total, detached parts)`` of the forward pass that just ran."""
-        ctx = self.controller.context if self.controller is not None else None
-        logits = ctx.domain_logits if ctx is not None else None
-        reg = ctx.synth_reg if ctx is not None else None
-        task = self.dcrm_loss.task(pred, target)
-        total, parts = dcrm_total_loss(task, logits, domains, reg, self.dcrm_loss.beta, self.dcrm_loss.reg_weight)
+        """``(L_task with graph, L_total, detached parts)`` of one forward pass's outputs."""
+        task = self.dcrm_loss.task(out.pred, target)
+        total, parts = dcrm_total_loss(task, out.domain_logits, domains, out.synth_reg, self.dcrm_loss.beta,
+                                       self.dcrm_loss.reg_weight)
         return task, total, parts
 
     def _adapt(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, task_loss: torch.Tensor) -> dict:
@@ -347,7 +222,7 @@ class BilevelTrainer(SupervisedTrainer):
         loss = task_loss
         for step in range(self.inner_steps):
             if step > 0:
-                loss = self.dcrm_loss.task(functional_call(net, dict(zip(names, weights)), (x,)), y)
+                loss = self.dcrm_loss.task(network_outputs(net, x, dict(zip(names, weights))).pred, y)
             grads = torch.autograd.grad(loss, weights, create_graph=not self.first_order, retain_graph=True,
                                         allow_unused=True)
             weights = [w if g is None else w - alpha * (g.detach() if self.first_order else g)
@@ -361,22 +236,21 @@ class BilevelTrainer(SupervisedTrainer):
         outer = x.new_zeros(())
         for support, query in tasks:
             s = support.to(x.device)
-            pred_s = net(x[s])
-            task_s, loss_s, parts_s = self._loss(net, pred_s, y[s], domains[s])
+            out_s = network_outputs(net, x[s])
+            task_s, loss_s, parts_s = self._loss(out_s, y[s], domains[s])
             order.append(s)
-            preds.append(pred_s.detach())
+            preds.append(out_s.pred.detach())
             parts.append(parts_s)
             if query is None:  # a lone image: scored with phi only
                 outer = outer + loss_s
                 continue
             q = query.to(x.device)
-            if self.inner_names:
-                pred_q = functional_call(net, self._adapt(net, x[s], y[s], task_s), (x[q],))
-            else:  # nothing to adapt (e.g. ablation w/o RMB): the query is scored with phi
-                pred_q = net(x[q])
-            _, loss_q, parts_q = self._loss(net, pred_q, y[q], domains[q])
+            # nothing to adapt (e.g. ablation w/o RMB): the query is scored with phi
+            adapted = self._adapt(net, x[s], y[s], task_s) if self.inner_names else None
+            out_q = network_outputs(net, x[q], adapted)
+            _, loss_q, parts_q = self._loss(out_q, y[q], domains[q])
             order.append(q)
-            preds.append(pred_q.detach())
+            preds.append(out_q.pred.detach())
             parts.append(parts_q)
             outer = outer + self.support_weight * loss_s + loss_q
         pred = torch.cat(preds)[torch.argsort(torch.cat(order))]
@@ -422,9 +296,10 @@ class BilevelTrainer(SupervisedTrainer):
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         if engine.mode == "joint":
             with torch.autocast(inputs.device.type, **engine.amp_kwargs) if engine.amp else contextlib.nullcontext():
-                pred = net(inputs)
+                out = network_outputs(net, inputs)
+                pred = out.pred
                 engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-                _, loss, parts = engine._loss(net, pred, targets, domains)
+                _, loss, parts = engine._loss(out, targets, domains)
         else:
             second_order = not engine.first_order
             kernel = (torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH) if second_order
@@ -458,134 +333,5 @@ class BilevelTrainer(SupervisedTrainer):
 
 
 # ---------------------------------------------------------------------------------------------- eval helpers
-
-
-def datalist_domains(datalist: str | os.PathLike) -> list[str]:
-    """The top-level ``"domains"`` list of a datalist JSON (index = ``domain_id``)."""
-    with open(datalist, encoding="utf-8") as f:
-        data = json.load(f)
-    domains = data.get("domains") if isinstance(data, dict) else None
-    if not isinstance(domains, list) or not domains:
-        raise ValueError(f"Datalist {datalist} has no top-level 'domains' list; add one (names indexed by the "
-                         "entries' domain_id) or set num_domains / domain names in the config.")
-    return [str(d) for d in domains]
-
-
-class DomainOutputs:
-    """Add the router's ``domain_prob`` ``(B, K)`` and the batch's ``domain_id`` to an evaluator's output.
-
-    Attach to a MONAI ``SupervisedEvaluator`` (``val_handlers``); runs at ``FORWARD_COMPLETED``, before the
-    output is decollated, so every item then carries its own ``domain_prob`` / ``domain_id``.
-    """
-
-    def __init__(self, network: nn.Module, domain_key: str = "domain_id") -> None:
-        self.network, self.domain_key = network, domain_key
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(IterationEvents.FORWARD_COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        out = engine.state.output
-        net = _unwrap(self.network)
-        probs = getattr(net, "last_domain_probs", None)
-        pred = out.get(Keys.PRED) if isinstance(out, dict) else None
-        if probs is not None and pred is not None and probs.shape[0] == pred.shape[0]:
-            out["domain_prob"] = probs.detach()
-        batch = engine.state.batch
-        if isinstance(batch, dict) and self.domain_key in batch:
-            out["domain_id"] = torch.as_tensor(as_plain_tensor(batch[self.domain_key])).view(-1)
-
-
-def _index(value) -> int:
-    """A class/domain index from a scalar, an index tensor or a probability / one-hot vector."""
-    t = torch.as_tensor(as_plain_tensor(value) if isinstance(value, torch.Tensor) else value)
-    return int(t.reshape(-1)[0]) if t.numel() == 1 else int(t.reshape(t.shape[0], -1).sum(1).argmax())
-
-
-def _pred_label_domain(output) -> tuple[list, list, list]:
-    items = output_items(output)
-    return ([o[Keys.PRED] for o in items], [o.get(Keys.LABEL) for o in items], [o.get("domain_id") for o in items])
-
-
-class DomainAccuracy(Metric):
-    """Classification accuracy overall (the metric value) and per domain.
-
-    At the end of each run it also stores ``<name>_<domain>`` for every domain seen and
-    ``<name>_domain_mean`` (mean over domains) in ``engine.state.metrics``, and, with ``save_dir``, writes
-    ``filename`` (columns ``domain, domain_id, n, correct, accuracy``, last row ``all``) atomically.
-    Under ``torch.distributed`` the counts of all processes are summed first and only rank 0 writes.
-
-    Args:
-        domain_names: names indexed by domain id (default: the ids).
-        save_dir: folder for the CSV (none written if ``None``).
-        filename: CSV name.
-        output_transform: engine output -> ``(preds, labels, domain_ids)`` (default: the ``pred``,
-            ``label`` and ``domain_id`` of every output item; see :class:`DomainOutputs`). ``pred`` may
-            be logits, probabilities, one-hot or an index.
-    """
-
-    def __init__(self, domain_names: Sequence[str] | None = None, save_dir: str | None = None,
-                 filename: str = "per_domain_accuracy.csv", output_transform: Callable = _pred_label_domain,
-                 device: str | torch.device = "cpu") -> None:
-        self.domain_names = list(domain_names) if domain_names is not None else None
-        self.save_dir, self.filename = save_dir, filename
-        self.per_domain: dict[int, tuple[int, int]] = {}
-        super().__init__(output_transform=output_transform, device=device)
-
-    def iteration_completed(self, engine: Engine) -> None:
-        self.update(self._output_transform(engine.state.output))
-
-    def reset(self) -> None:
-        self._correct: dict[int, int] = defaultdict(int)
-        self._total: dict[int, int] = defaultdict(int)
-
-    def update(self, output) -> None:
-        preds, labels, domains = output
-        for pred, label, dom in zip(preds, labels, domains):
-            if label is None:
-                continue
-            d = -1 if dom is None else _index(dom)
-            self._total[d] += 1
-            self._correct[d] += int(_index(pred) == _index(label))
-
-    def _name(self, d: int) -> str:
-        if d < 0:
-            return "unknown"
-        return self.domain_names[d] if self.domain_names is not None and d < len(self.domain_names) else str(d)
-
-    def _counts(self) -> tuple[dict[int, int], dict[int, int]]:
-        """``(correct, total)`` per domain id, summed over all processes under ``torch.distributed``."""
-        if get_world_size() == 1:
-            return dict(self._correct), dict(self._total)
-        gathered: list = [None] * get_world_size()
-        dist.all_gather_object(gathered, (dict(self._correct), dict(self._total)))
-        correct: dict[int, int] = defaultdict(int)
-        total: dict[int, int] = defaultdict(int)
-        for rank_correct, rank_total in gathered:
-            for d, n in rank_total.items():
-                total[d] += n
-                correct[d] += rank_correct.get(d, 0)
-        return dict(correct), dict(total)
-
-    def compute(self) -> float:
-        correct, total = self._counts()
-        if sum(total.values()) == 0:
-            raise RuntimeError("DomainAccuracy needs at least one labelled example before compute().")
-        self.per_domain = {d: (correct.get(d, 0), total[d]) for d in sorted(total)}
-        return sum(correct.values()) / sum(total.values())
-
-    def completed(self, engine: Engine, name: str) -> None:
-        value = self.compute()
-        engine.state.metrics[name] = value
-        accs = {self._name(d): c / n for d, (c, n) in self.per_domain.items()}
-        for dom, acc in accs.items():
-            engine.state.metrics[f"{name}_{dom}"] = acc
-        engine.state.metrics[f"{name}_domain_mean"] = float(np.mean(list(accs.values())))
-        if self.save_dir is not None and get_rank() == 0:
-            rows = [[self._name(d), d, n, c, c / n] for d, (c, n) in self.per_domain.items()]
-            rows.append(["all", "", sum(n for _, n in self.per_domain.values()),
-                         sum(c for c, _ in self.per_domain.values()), value])
-            write_csv_atomic(os.path.join(self.save_dir, self.filename),
-                              ["domain", "domain_id", "n", "correct", "accuracy"], rows)
 
 

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from medpeft_monai.backbones import FrozenBackbone, as_plain_tensor
+from medpeft_monai.backbones import BackboneOutput, FrozenBackbone, as_plain_tensor
 from medpeft_monai.peft import PeftConfig, apply_peft
 
 __all__ = ["PeftClassifier"]
@@ -21,6 +21,7 @@ class PeftClassifier(nn.Module):
         backbone: timm model name (see :class:`~medpeft_monai.backbones.FrozenBackbone`).
         num_classes: number of output classes.
         peft: method name or config dict, e.g. ``{"method": "lora", "rank": 8}``; default linear probing.
+            It is the model's adapter ``"default"``, which also owns the head (trained and saved with it).
         weights: ``None``, ``"hub"`` or a local weights file for the backbone.
         image_size: input side or ``(H, W)``.
         in_chans: input channels.
@@ -46,8 +47,13 @@ class PeftClassifier(nn.Module):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
         self.backbone = FrozenBackbone(backbone, weights=weights, image_size=image_size, in_chans=in_chans,
                                        model_kwargs=model_kwargs)
-        self.peft_config = apply_peft(self.backbone, peft)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.backbone.num_features, num_classes))
+        self.peft_config = apply_peft(self, peft, modules=("head",))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, BackboneOutput]:
+        """``(logits, backbone output)`` in one pass."""
+        out = self.backbone.encode(as_plain_tensor(x))
+        return self.head(self.backbone.pool(out.tokens)), out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(as_plain_tensor(x)))
+        return self.encode(x)[0]

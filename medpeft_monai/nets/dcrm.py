@@ -1,32 +1,49 @@
 """DCRM-ViT networks: a classifier and a segmenter whose frozen ViT carries DCRM (router, PSN, RMB, DAB).
 
 Both are the project's :class:`~medpeft_monai.nets.PeftClassifier` / :class:`~medpeft_monai.nets.PeftSegmenter`
-with ``peft={"method": "dcrm", ...}``, plus access to the router's output of the last forward pass:
+with ``peft={"method": "dcrm", ...}``, and they return the router's outputs explicitly:
 
-* ``forward(x)`` returns the task logits only (so MONAI trainers, evaluators and inferers use the
+* ``forward(x)`` returns the task logits only (so MONAI trainers, evaluators, inferers and export use the
   network unchanged);
-* ``last_domain_logits`` / ``last_domain_probs``: ``(B, K)`` router logits (``None`` without a router)
-  and ``D(x)`` of the last forward pass; ``last_synth_reg``: the ``L_reg`` term of that pass;
-* ``forward_with_domain(x)`` returns ``(logits, domain_logits)``.
+* ``forward(x, return_outputs=True)`` returns a :class:`DCRMOutput` with the logits, the router's logits
+  and ``D(x)`` and the ``L_reg`` term of that same pass.
 
-With a sliding-window inferer every window is routed separately and ``last_*`` hold the last window's
-values; the segmenter's 3D mode routes every slice.
+Nothing is kept on the network between calls: concurrent requests and sliding windows each get their
+own routing (the segmenter routes every window, and every slice of a volume, separately).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 import medpeft_monai.peft.dcrm  # noqa: F401  (registers the "dcrm" method)
+from medpeft_monai.backbones import BackboneOutput
 from medpeft_monai.nets.classifier import PeftClassifier
 from medpeft_monai.nets.segmenter import PeftSegmenter
 from medpeft_monai.peft.core import PeftError, peft_config
-from medpeft_monai.peft.dcrm import DCRMConfig, DCRMController
+from medpeft_monai.peft.dcrm import DCRMConfig, DCRMController, find_controller
 
-__all__ = ["DCRMClassifier", "DCRMSegmenter", "dcrm_config"]
+__all__ = ["DCRMClassifier", "DCRMOutput", "DCRMSegmenter", "dcrm_config"]
+
+
+class DCRMOutput(NamedTuple):
+    """What a DCRM network returns with ``return_outputs=True`` (one forward pass).
+
+    Attributes:
+        pred: task logits ``(B, num_classes[, H, W])``.
+        domain_logits: router logits ``(B, K)``, ``None`` without a router (ablation).
+        domain_probs: ``D(x)`` ``(B, K)``.
+        synth_reg: ``L_reg``, the mean squared synthesised parameter delta (0 without a PSN).
+    """
+
+    pred: torch.Tensor
+    domain_logits: torch.Tensor | None = None
+    domain_probs: torch.Tensor | None = None
+    synth_reg: torch.Tensor | None = None
 
 
 def dcrm_config(spec: dict | DCRMConfig | None, num_domains: int | None = None) -> DCRMConfig:
@@ -56,38 +73,25 @@ def dcrm_config(spec: dict | DCRMConfig | None, num_domains: int | None = None) 
     return config
 
 
-class _DomainAccess:
-    """Router outputs of the last forward pass (mixed into the DCRM networks)."""
+class _DCRMNet:
+    """The DCRM parts shared by the classifier and the segmenter."""
 
     backbone: torch.nn.Module
 
     @property
     def dcrm(self) -> DCRMController:
-        return self.backbone.dcrm
+        return find_controller(self.backbone)
 
     @property
     def num_domains(self) -> int:
         return self.dcrm.num_domains
 
-    @property
-    def last_domain_logits(self) -> torch.Tensor | None:
-        return self.dcrm.context.domain_logits
-
-    @property
-    def last_domain_probs(self) -> torch.Tensor | None:
-        return self.dcrm.context.domain_probs
-
-    @property
-    def last_synth_reg(self) -> torch.Tensor | None:
-        return self.dcrm.context.synth_reg
-
-    def forward_with_domain(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(task logits, domain logits (B, K) or None without a router)`` in one forward pass."""
-        logits = self(x)
-        return logits, self.last_domain_logits
+    def _outputs(self, pred: torch.Tensor, out: BackboneOutput) -> DCRMOutput:
+        routing = out.context[self.dcrm.adapter_name]
+        return DCRMOutput(pred, routing.domain_logits, routing.domain_probs, routing.synth_reg)
 
 
-class DCRMClassifier(_DomainAccess, PeftClassifier):
+class DCRMClassifier(_DCRMNet, PeftClassifier):
     """``logits = Head(pool(DCRM-ViT(x)))``.
 
     Args:
@@ -98,7 +102,8 @@ class DCRMClassifier(_DomainAccess, PeftClassifier):
             ``{"rank": 8, "bank_size": 4, "use_dab": false}``.
         weights, image_size, in_chans, dropout, model_kwargs: as in :class:`PeftClassifier`.
 
-    Input ``(B, in_chans, H, W)``; output ``(B, num_classes)``; ``last_domain_logits`` ``(B, K)``.
+    Input ``(B, in_chans, H, W)``; output ``(B, num_classes)``, or a :class:`DCRMOutput` with
+    ``return_outputs=True``.
     """
 
     def __init__(self, backbone: str, num_classes: int, num_domains: int | None = None,
@@ -108,8 +113,12 @@ class DCRMClassifier(_DomainAccess, PeftClassifier):
         super().__init__(backbone, num_classes, peft=dcrm_config(peft, num_domains), weights=weights,
                          image_size=image_size, in_chans=in_chans, dropout=dropout, model_kwargs=model_kwargs)
 
+    def forward(self, x: torch.Tensor, return_outputs: bool = False) -> torch.Tensor | DCRMOutput:
+        logits, out = self.encode(x)
+        return self._outputs(logits, out) if return_outputs else logits
 
-class DCRMSegmenter(_DomainAccess, PeftSegmenter):
+
+class DCRMSegmenter(_DCRMNet, PeftSegmenter):
     """Frozen DCRM-ViT encoder + the project's shallow pixel-wise decoder (multi-level, full-resolution logits).
 
     Args:
@@ -119,7 +128,8 @@ class DCRMSegmenter(_DomainAccess, PeftSegmenter):
         weights, image_size, in_chans, levels, decoder_channels, spatial_dims, model_kwargs: as in
             :class:`PeftSegmenter`.
 
-    Input ``(B, in_chans, H, W[, D])``; output ``(B, num_classes, H, W[, D])``.
+    Input ``(B, in_chans, H, W[, D])``; output ``(B, num_classes, H, W[, D])``, or a :class:`DCRMOutput`
+    with ``return_outputs=True`` (for volumes the router outputs are per slice, ``(B * D, K)``).
     """
 
     def __init__(self, backbone: str, num_classes: int, num_domains: int | None = None,
@@ -130,3 +140,8 @@ class DCRMSegmenter(_DomainAccess, PeftSegmenter):
         super().__init__(backbone, num_classes, peft=dcrm_config(peft, num_domains), weights=weights,
                          image_size=image_size, in_chans=in_chans, levels=levels,
                          decoder_channels=decoder_channels, spatial_dims=spatial_dims, model_kwargs=model_kwargs)
+
+    def forward(self, x: torch.Tensor, return_outputs: bool = False) -> torch.Tensor | DCRMOutput:
+        logits, out = self.encode_2d(self._slices(x))
+        logits = self._restack(logits, x)
+        return self._outputs(logits, out) if return_outputs else logits

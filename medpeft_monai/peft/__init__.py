@@ -1,18 +1,24 @@
-"""PEFT injection core and the methods built on it (importing this package registers every method)."""
+"""PEFT injection core (named, stackable adapters) and the methods built on it (importing this package
+registers every method)."""
 
 from medpeft_monai.peft.adapters import AdapterConfig, AdaptFormerConfig, Bottleneck, ConvpassConfig, TokenGridConv
 from medpeft_monai.peft.core import (
     PEFT_FORMAT,
+    AdapterEntry,
+    AdapterRegistry,
     BitFitConfig,
     FullFinetuneConfig,
     LinearProbeConfig,
+    ParameterCache,
     PeftConfig,
     PeftError,
     PeftModule,
+    adapter_parameters,
     apply_peft,
     count_parameters,
     find_backbone,
     find_targets,
+    get_registry,
     load_peft_state_dict,
     merge_peft,
     param_groups,
@@ -21,6 +27,8 @@ from medpeft_monai.peft.core import (
     register_method,
     save_atomic,
     select_blocks,
+    set_trainable,
+    unload,
     unmerge_peft,
 )
 from medpeft_monai.peft.dcrm import DCRMConfig
@@ -32,6 +40,8 @@ __all__ = [
     "PEFT_FORMAT",
     "AdaptFormerConfig",
     "AdapterConfig",
+    "AdapterEntry",
+    "AdapterRegistry",
     "BitFitConfig",
     "Bottleneck",
     "ConvpassConfig",
@@ -42,16 +52,19 @@ __all__ = [
     "LinearProbeConfig",
     "LoRAConfig",
     "LoRALinear",
+    "ParameterCache",
     "PeftConfig",
     "PeftError",
     "PeftModule",
     "PromptedBlock",
     "TokenGridConv",
     "VPTConfig",
+    "adapter_parameters",
     "apply_peft",
     "count_parameters",
     "find_backbone",
     "find_targets",
+    "get_registry",
     "load_peft_state_dict",
     "merge_peft",
     "param_groups",
@@ -60,5 +73,7 @@ __all__ = [
     "register_method",
     "save_atomic",
     "select_blocks",
+    "set_trainable",
+    "unload",
     "unmerge_peft",
 ]

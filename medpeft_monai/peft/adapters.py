@@ -22,16 +22,17 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from medpeft_monai.backbones import BlockInfo, FrozenBackbone
+from medpeft_monai.backbones import BlockInfo, FrozenBackbone, unwrap
 from medpeft_monai.peft.core import PeftConfig, PeftError, PeftModule, register_method, select_blocks
 
 __all__ = ["AdaptFormerConfig", "AdapterConfig", "Bottleneck", "ConvpassConfig", "TokenGridConv"]
 
 
 class TokenGridConv(nn.Module):
-    """Apply a 2D module to the patch tokens of ``(B, prefix + H*W, m)`` tokens; prefix tokens pass.
+    """Apply a 2D module to the patch tokens of ``(B, extra + H*W, m)`` tokens; the tokens in front pass.
 
-    Also accepts ``(B, H, W, m)`` (Swin) tokens.
+    The patch tokens are the last ``H*W`` (class/register tokens, and prompt tokens of a stacked VPT,
+    come first). Also accepts ``(B, H, W, m)`` (Swin, SAM2) tokens.
     """
 
     def __init__(self, conv: nn.Module, grid: tuple[int, int], num_prefix_tokens: int) -> None:
@@ -43,10 +44,10 @@ class TokenGridConv(nn.Module):
             return self.conv(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         b, n, m = h.shape
         gh, gw = self.grid
-        p = self.num_prefix_tokens
-        if n != p + gh * gw:
-            raise PeftError(f"Token count {n} does not match {p} prefix + {gh}x{gw} grid; the image size "
-                            "differs from the one the backbone was built for.")
+        if n < self.num_prefix_tokens + gh * gw:
+            raise PeftError(f"Token count {n} does not match {self.num_prefix_tokens} prefix + {gh}x{gw} grid; the "
+                            "image size differs from the one the backbone was built for.")
+        p = n - gh * gw
         prefix, patches = h[:, :p], h[:, p:]
         grid = patches.transpose(1, 2).reshape(b, m, gh, gw)
         out = self.conv(grid).flatten(2).transpose(1, 2)
@@ -84,6 +85,8 @@ class Bottleneck(PeftModule):
 class SequentialAdapter(PeftModule):
     """``y = f(h); return y + a(y)`` (Houlsby placement after a sub-layer)."""
 
+    wraps = ("inner",)
+
     def __init__(self, inner: nn.Module, adapter: Bottleneck) -> None:
         super().__init__()
         self.inner, self.adapter = inner, adapter
@@ -94,11 +97,27 @@ class SequentialAdapter(PeftModule):
 
 
 class ParallelAdapter(PeftModule):
-    """``return f(norm(x)) + s * a(x)``; with ``norm=None`` the adapter reads ``f``'s own input."""
+    """``return f(norm(x)) + s * a(x)``; with ``norm=None`` the adapter reads ``f``'s own input.
 
-    def __init__(self, inner: nn.Module, adapter: Bottleneck, scale: float, norm: nn.Module | None = None) -> None:
+    With a norm, the block's own norm (``norm_attr``, e.g. ``"norm2"``) has been moved in here and
+    replaced by ``Identity`` so that the adapter sees the un-normalised stream; :meth:`restore` moves it back.
+    """
+
+    wraps = ("inner", "norm")
+
+    def __init__(self, inner: nn.Module, adapter: Bottleneck, scale: float, norm: nn.Module | None = None,
+                 norm_attr: str | None = None) -> None:
         super().__init__()
         self.inner, self.adapter, self.scale, self.norm = inner, adapter, float(scale), norm
+        self.norm_attr = norm_attr
+
+    def restore(self, parent: nn.Module, attr: str) -> None:
+        if self.norm is not None and isinstance(parent, PeftModule):
+            raise PeftError(f"{type(self).__name__} holds the block's {self.norm_attr} and is wrapped by another "
+                            f"adapter ({parent.adapter_name!r}); unload that adapter first.")
+        setattr(parent, attr, self.inner)
+        if self.norm is not None:
+            setattr(parent, self.norm_attr, self.norm)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         h = x if self.norm is None else self.norm(x)
@@ -116,7 +135,7 @@ def _blocks(backbone: FrozenBackbone, blocks: list[int] | None, formats: tuple[s
         if info.token_format not in formats:
             raise PeftError(f"{method} needs tokens in {formats} layout; {backbone.name} block {i} has "
                             f"{info.token_format!r} tokens. Use a backbone whose blocks take those tokens.")
-        block = backbone.block_module(i)
+        block = unwrap(backbone.block_module(i))
         for attr in ("mlp", "norm2"):
             if not hasattr(block, attr):
                 raise PeftError(f"{method}: block {info.name} of {backbone.name} has no `{attr}`.")
@@ -165,7 +184,7 @@ class AdaptFormerConfig(PeftConfig):
         for _, block in _blocks(backbone, self.blocks, ("nlc", "nhwc", "unrolled"), self.method):
             width = _mlp_width(block)
             block.mlp = ParallelAdapter(block.mlp, Bottleneck(width, self.hidden, dropout=self.dropout),
-                                        self.scale, norm=block.norm2)
+                                        self.scale, norm=block.norm2, norm_attr="norm2")
             block.norm2 = nn.Identity()
 
 

@@ -13,13 +13,12 @@ A frozen ViT gets four kinds of small trainable parts, all driven by one routing
   two biases and the rescale factor. It never emits whole matrices, so it stays cheap (about 2.4 M
   parameters and 7 MFLOPs per image at ViT-B/16, see :func:`psn_flops`). Its output layer is
   zero-initialised: at initialisation every image gets the static (shared) parameters.
-* **Residual Modulation Block (RMB)** (:class:`RMBQKV`): wraps the frozen fused ``qkv`` projection and adds
-  a Task-Alignment Layer (TALer, :class:`TALer`) output to the **Q** and **V** parts only,
-  ``Q = W_q h + h'_q``, ``V = W_v h + h'_v``. The K part of the output is the frozen projection's own
-  output tensor slice, bit for bit.
-* **Domain-Aware Bias (DAB)** (:class:`DomainAwareBias`, :class:`DomainAwareAttention`):
-  ``B_d = sum_k p_k B_k`` added to the attention logits of every selected block through timm's
-  ``attn_mask`` argument (``softmax(QK^T / sqrt(d_k) + B_d) V``). ``B_k`` are learned per domain and
+* **Residual Modulation Block (RMB)** (:class:`ResidualModulation`): adds a Task-Alignment Layer (TALer,
+  :class:`TALer`) output to the **Q** and **V** parts of the frozen fused ``qkv`` projection's output only,
+  ``Q = W_q h + h'_q``, ``V = W_v h + h'_v``. The K part is the frozen projection's own output tensor
+  slice, bit for bit.
+* **Domain-Aware Bias (DAB)** (:class:`DomainAwareBias`): ``B_d = sum_k p_k B_k`` added to the attention
+  logits of every modulated block (``softmax(QK^T / sqrt(d_k) + B_d) V``). ``B_k`` are learned per domain and
   per head, zero-initialised, ``N x N`` including the class/register tokens. ``dab_form="full"`` learns
   every entry (the literal form; ``K * heads * N^2`` parameters per block, 11 M for K=2 at ViT-B/16 224);
   ``dab_form="relative"`` (default) ties patch-patch entries by their relative offset (a
@@ -53,15 +52,16 @@ bases (``A_m`` Kaiming-uniform, ``B_m`` zeros; stored transposed), ``c(x) = c + 
 PSN. The bank, the static coefficients/biases and ``r`` are the modulator parameters that the
 bi-level trainer (:mod:`medpeft_monai.engines.bilevel`) adapts in its inner loop.
 
-Router input (one backbone pass)
---------------------------------
+Router input (one backbone pass): ``route_from_block``
+----------------------------------------------------------
 The paper computes ``D(x)`` from the frozen backbone's image embedding, which would run the backbone
-twice (once to route, once modulated). Here the router and the PSN read the **tokens entering the
-first transformer block** (patch embedding + position embedding, after ``norm_pre``), captured by a
-forward pre-hook on block 0: the image embedding ``e`` is the LayerNorm of the mean patch token, and
-the gating channel sees the patch tokens as a grid. Routing therefore costs one pooled vector, a 1x1
-convolution and three small linear layers, and a forward pass is still a single pass through the
-frozen backbone with no test-time updates.
+twice (once to route, once modulated). Here the router and the PSN read the **output of block k**
+(``route_from_block``, default a mid-depth block): blocks ``0..k`` run frozen, the router turns their
+output into ``D(x)`` and the synthesised parameters, and blocks ``k+1..`` run modulated, all in one pass
+(:meth:`~medpeft_monai.backbones.FrozenBackbone.encode`). The image embedding ``e`` is the LayerNorm of the
+mean patch token and the gating channel sees the patch tokens as a grid. The routing of a forward pass is
+a value (:class:`DCRMRouting`) handed to the modulated blocks as ``context`` and returned with the
+network's outputs; no module keeps it, so concurrent forwards (threads, sliding windows) cannot mix.
 
 Ablation switches (paper Table 6): ``use_rmb`` (w/o RMB), ``use_router`` (w/o DR: uniform ``D(x)``, no
 router parameters), ``use_psn`` (No PSN: static TALer parameters), ``use_dab`` (w/o DAB: no bias
@@ -69,33 +69,43 @@ parameters, the attention modules are not wrapped and get no ``attn_mask``), ``u
 rescale: ``r = 1``, no ``rho``). "No meta-learning" is a trainer setting
 (:class:`~medpeft_monai.engines.bilevel.BilevelTrainer` ``mode="joint"``).
 
-Backbones: ViT family (timm ``VisionTransformer`` blocks whose attention takes ``attn_mask``: ViT,
-DeiT, DINOv2 incl. register tokens, CLIP).
+Backbones: ViT family (timm ``VisionTransformer`` pre-norm ``Block`` with the standard fused-qkv
+``Attention``: ViT, DeiT, DINOv2 incl. register tokens, CLIP). A modulated block runs the block's own
+frozen sub-modules (norms, projections, MLP, layer scale, drop path) with the corrections applied, so
+adapters inside the block (e.g. a LoRA on ``qkv``) still act; DCRM is applied before any adapter that
+wraps whole blocks.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medpeft_monai.backbones import FrozenBackbone
-from medpeft_monai.peft.core import PeftConfig, PeftError, PeftModule, register_method, select_blocks
+from medpeft_monai.backbones import FrozenBackbone, unwrap
+from medpeft_monai.peft.core import (
+    ParameterCache,
+    PeftConfig,
+    PeftError,
+    PeftModule,
+    register_method,
+    replace_module,
+    select_blocks,
+)
 
 __all__ = [
-    "RMBQKV",
+    "DCRMBlock",
     "DCRMConfig",
-    "DCRMContext",
     "DCRMController",
-    "DomainAwareAttention",
+    "DCRMRouting",
     "DomainAwareBias",
     "DomainRouter",
     "ParameterSynthesis",
+    "ResidualModulation",
     "TALer",
     "find_controller",
     "psn_flops",
@@ -105,11 +115,8 @@ __all__ = [
 DAB_FORMS = ("relative", "full")
 
 
-class DCRMContext:
-    """State of the current forward pass, shared by the controller and every injected module.
-
-    Not a module and holds no parameters: the controller's block-0 hook writes it, the RMB and DAB
-    modules of the later blocks read it within the same forward pass.
+class DCRMRouting(NamedTuple):
+    """The routing of one forward pass, computed from block ``k``'s output and given to the later blocks.
 
     Attributes:
         domain_logits: ``(B, K)`` router logits, ``None`` without a router.
@@ -119,15 +126,11 @@ class DCRMContext:
         synth_reg: scalar mean squared synthesised delta (``L_reg``), 0 without a PSN.
     """
 
-    def __init__(self) -> None:
-        self.clear()
-
-    def clear(self) -> None:
-        self.domain_logits: torch.Tensor | None = None
-        self.domain_probs: torch.Tensor | None = None
-        self.embedding: torch.Tensor | None = None
-        self.synth: dict[str, torch.Tensor] | None = None
-        self.synth_reg: torch.Tensor | None = None
+    domain_logits: torch.Tensor | None
+    domain_probs: torch.Tensor
+    embedding: torch.Tensor
+    synth: dict[str, torch.Tensor] | None
+    synth_reg: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------- TALer
@@ -222,53 +225,34 @@ class TALer(nn.Module):
         return out * p["r"].view(-1, 1, 1) if self.rescale is not None else out
 
 
-class RMBQKV(PeftModule):
-    """Residual Modulation Block on a frozen fused ``qkv`` projection: TALer corrections on Q and/or V.
+class ResidualModulation(nn.Module):
+    """RMB: TALer corrections added to the Q and/or V slices of a fused ``qkv`` output; K is left as it is.
 
-    ``forward(x) = [W_q x + h'_q, W_k x, W_v x + h'_v]``: the corrections are added in place to the Q and V
-    slices of the frozen layer's output, whose K slice is returned untouched (timm orders fused rows
-    Q, K, V).
+    ``forward(qkv, h, synth)`` returns ``[W_q h + h'_q, W_k h, W_v h + h'_v]`` (timm orders fused rows Q, K,
+    V), adding in place to the fresh projection output, so the K slice stays the frozen projection's own
+    values.
 
     Args:
-        base: the frozen ``nn.Linear`` (``out_features = 3 * d``).
         talers: ``{"q": TALer, "v": TALer}`` (a subset).
         keys: ``{"q": "blocks.3.q", ...}`` names under which the PSN writes each TALer's deltas.
-        context: the shared :class:`DCRMContext`.
-        synthesised: read per-image deltas from the context (a PSN exists).
     """
 
-    def __init__(self, base: nn.Linear, talers: dict[str, TALer], keys: dict[str, str], context: DCRMContext,
-                 synthesised: bool) -> None:
+    def __init__(self, talers: dict[str, TALer], keys: dict[str, str]) -> None:
         super().__init__()
-        if base.out_features % 3:
-            raise PeftError(f"RMB needs a fused qkv projection (out_features divisible by 3), got {base.out_features}.")
         if not set(talers) <= {"q", "v"}:
             raise PeftError(f"DCRM modulates only Q and V (K stays frozen); got parts {sorted(talers)}.")
-        self.base = base
         self.talers = nn.ModuleDict(talers)
         self.keys = dict(keys)
-        self.context = context
-        self.synthesised = synthesised
 
-    def _synth(self, part: str, batch: int) -> torch.Tensor | None:
-        if not self.synthesised:
-            return None
-        synth = self.context.synth
-        if synth is None or self.keys[part] not in synth or synth[self.keys[part]].shape[0] != batch:
-            raise PeftError("DCRM modules ran without routing for this batch: call the whole backbone (its first "
-                            "block computes D(x) and the synthesised parameters), not a single block.")
-        return synth[self.keys[part]]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        d = y.shape[-1] // 3
-        # In place on the fresh output (a linear layer does not keep its output for backward): no copy of
-        # the K slice, which stays the frozen projection's own values.
-        if "q" in self.talers:
-            y[..., :d] += self.talers["q"](x, self._synth("q", x.shape[0])).to(y.dtype)
-        if "v" in self.talers:
-            y[..., 2 * d:] += self.talers["v"](x, self._synth("v", x.shape[0])).to(y.dtype)
-        return y
+    def forward(self, qkv: torch.Tensor, h: torch.Tensor, synth: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        d = qkv.shape[-1] // 3
+        for part, lo in (("q", 0), ("v", 2 * d)):
+            if part in self.talers:
+                s = None if synth is None else synth[self.keys[part]]
+                if s is not None and s.shape[0] != h.shape[0]:
+                    raise PeftError(f"TALer got {h.shape[0]} token sets but {s.shape[0]} synthesised parameter sets.")
+                qkv[..., lo:lo + d] += self.talers[part](h, s).to(qkv.dtype)
+        return qkv
 
 
 # ---------------------------------------------------------------------------------------------- DAB
@@ -296,7 +280,7 @@ class DomainAwareBias(nn.Module):
         p, hw = self.num_prefix_tokens, gh * gw
         self.num_tokens = p + hw
         k, h = int(num_domains), int(num_heads)
-        self._cache = None
+        self._expanded = ParameterCache()
         if form == "full":
             self.table = nn.Parameter(torch.zeros(k, h, self.num_tokens, self.num_tokens))
             return
@@ -311,18 +295,13 @@ class DomainAwareBias(nn.Module):
     def matrices(self) -> torch.Tensor:
         """The per-domain bias matrices ``(K, heads, N, N)``.
 
-        Without autograd (inference) the expanded matrices are cached until a parameter changes; never
-        while tracing (``torch.jit.trace`` must record the expansion, not a constant).
+        Without autograd (inference) the expanded matrices are cached until a parameter changes.
         """
         if self.form == "full":
             return self.table
-        if torch.is_grad_enabled() or torch.jit.is_tracing():
+        if torch.is_grad_enabled():
             return self._expand()
-        key = (tuple(p._version for p in self.parameters()), tuple(p.data_ptr() for p in self.parameters()),
-               torch.is_inference_mode_enabled())
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self._expand())
-        return self._cache[1]
+        return self._expanded.get(list(self.parameters()), self._expand, torch.is_inference_mode_enabled())
 
     def _expand(self) -> torch.Tensor:
         patch = self.table[:, :, self.rel_index]                            # (K, h, HW, HW)
@@ -336,30 +315,65 @@ class DomainAwareBias(nn.Module):
         return torch.einsum("bk,khij->bhij", probs, self.matrices())
 
 
-class DomainAwareAttention(PeftModule):
-    """A frozen timm attention module that receives ``B_d`` as its additive ``attn_mask``.
+class DCRMBlock(PeftModule):
+    """A frozen timm ViT block run with DCRM's per-image corrections (RMB on Q/V, DAB on the logits).
 
-    A mask given by the caller is kept (a boolean mask becomes ``0 / -inf`` and is added).
+    ``forward(x, context)`` reads this adapter's :class:`DCRMRouting` from ``context`` and computes::
+
+        h = norm1(x);  qkv = RMB(qkv(h), h, synth)                 (K slice untouched)
+        x = x + drop_path1(ls1(proj(softmax(q k^T / sqrt(d_k) + B_d) v)))
+        x = x + drop_path2(ls2(mlp(norm2(x))))
+
+    with the block's own frozen modules, i.e. timm's ``Block`` / ``Attention`` forward with the two
+    corrections added.
+
+    Args:
+        block: the frozen timm ``Block``.
+        rmb: the block's :class:`ResidualModulation` (``None``: ablation w/o RMB).
+        bias: the block's :class:`DomainAwareBias` (``None``: ablation w/o DAB).
     """
 
-    def __init__(self, attn: nn.Module, bias: DomainAwareBias, context: DCRMContext) -> None:
-        super().__init__()
-        self.attn, self.bias, self.context = attn, bias, context
+    wraps = ("block",)
+    takes_context = True
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        probs = self.context.domain_probs
-        if probs is None or probs.shape[0] != x.shape[0]:
-            raise PeftError("DCRM attention ran without routing for this batch: call the whole backbone.")
-        if x.shape[1] != self.bias.num_tokens:
-            raise PeftError(f"DAB was built for {self.bias.num_tokens} tokens but got {x.shape[1]}; the input size "
-                            "differs from the backbone's image_size.")
-        mask = self.bias(probs.to(x.dtype)).to(x.dtype)
-        if attn_mask is not None:
-            if attn_mask.dtype == torch.bool:
-                attn_mask = torch.zeros(attn_mask.shape, dtype=x.dtype, device=x.device).masked_fill(
-                    ~attn_mask, float("-inf"))
-            mask = mask + attn_mask
-        return self.attn(x, attn_mask=mask, **kwargs)
+    def __init__(self, block: nn.Module, rmb: ResidualModulation | None, bias: DomainAwareBias | None) -> None:
+        super().__init__()
+        self.block, self.rmb, self.bias = block, rmb, bias
+
+    def no_weight_decay(self) -> set[str]:
+        return {n for n, _ in self.own_parameters() if n.startswith("bias.") or n.endswith(("coef_down", "coef_up"))}
+
+    def attention(self, h: torch.Tensor, routing: DCRMRouting) -> torch.Tensor:
+        attn = self.block.attn
+        b, n, _ = h.shape
+        qkv = attn.qkv(h)
+        if self.rmb is not None:
+            qkv = self.rmb(qkv, h, routing.synth)
+        heads = attn.num_heads
+        q, k, v = qkv.reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        mask = None
+        if self.bias is not None:
+            if n != self.bias.num_tokens:
+                raise PeftError(f"DAB was built for {self.bias.num_tokens} tokens but got {n}; the input size differs "
+                                "from the backbone's image_size.")
+            mask = self.bias(routing.domain_probs.to(h.dtype)).to(h.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=attn.attn_drop.p if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(b, n, -1)
+        out = getattr(attn, "norm", nn.Identity())(out)
+        if getattr(attn, "gate", None) is not None:
+            out = out * attn.gate(h).sigmoid()
+        return attn.proj_drop(attn.proj(out))
+
+    def forward(self, x: torch.Tensor, context: dict | None = None) -> torch.Tensor:
+        routing = (context or {}).get(self.adapter_name)
+        if routing is None:
+            raise PeftError("A DCRM block ran without routing: run the backbone through encode() (or the network), "
+                            "which computes D(x) at route_from_block and passes it on; not a single block.")
+        blk = self.block
+        x = x + blk.drop_path1(blk.ls1(self.attention(blk.norm1(x), routing)))
+        return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
 # ---------------------------------------------------------------------------------------------- DR + PSN
@@ -415,18 +429,19 @@ class ParameterSynthesis(nn.Module):
 
 
 class DCRMController(PeftModule):
-    """Routing and synthesis, run once per forward pass by a pre-hook on the backbone's first block.
+    """Routing and synthesis, run once per forward pass on the output of block ``route_from_block``.
 
-    Lives at ``backbone.dcrm``; holds the router, the PSN, the learnable inner-loop learning rate of the
-    bi-level trainer (``inner_lr = exp(log_inner_lr)``) and the shared :class:`DCRMContext`.
+    A router of the backbone (``backbone.routers``): :meth:`FrozenBackbone.encode` calls it after block
+    ``route_from_block`` and hands its :class:`DCRMRouting` to the later blocks. Holds the router, the PSN
+    and the learnable inner-loop learning rate of the bi-level trainer (``inner_lr = exp(log_inner_lr)``).
     """
 
     def __init__(self, config: DCRMConfig, width: int, grid: tuple[int, int], num_prefix_tokens: int,
-                 talers: dict[str, TALer], context: DCRMContext) -> None:
+                 talers: dict[str, TALer], route_from_block: int) -> None:
         super().__init__()
         self.num_domains, self.width = int(config.num_domains), int(width)
         self.grid, self.num_prefix_tokens = tuple(grid), int(num_prefix_tokens)
-        self.context = context
+        self.route_from_block = int(route_from_block)
         self.router = (DomainRouter(width, config.num_domains, config.router_hidden or max(16, width // 8),
                                     config.gate_channels) if config.use_router else None)
         self.layout: list[tuple[str, int, int]] = []
@@ -442,13 +457,16 @@ class DCRMController(PeftModule):
     def inner_lr(self) -> torch.Tensor:
         return self.log_inner_lr.exp()
 
+    def no_weight_decay(self) -> set[str]:
+        return {"log_inner_lr"}
+
     def embed(self, tokens: torch.Tensor, with_grid: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Tokens entering block 0 ``(B, P + H*W, d)`` -> image embedding ``(B, d)`` and grid ``(B, d, H, W)``."""
+        """Block-k tokens ``(B, P + H*W, d)`` -> image embedding ``(B, d)`` and grid ``(B, d, H, W)``."""
         gh, gw = self.grid
+        if tokens.shape[1] != self.num_prefix_tokens + gh * gw:
+            raise PeftError(f"DCRM router expects {self.num_prefix_tokens} prefix + {gh}x{gw} patch tokens, got "
+                            f"{tokens.shape[1]}; the input size differs from the backbone's image_size.")
         patches = tokens[:, self.num_prefix_tokens:]
-        if patches.shape[1] != gh * gw:
-            raise PeftError(f"DCRM router expects {gh}x{gw} patch tokens, got {patches.shape[1]}; the input size "
-                            "differs from the backbone's image_size.")
         embedding = F.layer_norm(patches.mean(dim=1), (self.width,))
         if not with_grid:
             return embedding, None
@@ -462,30 +480,24 @@ class DCRMController(PeftModule):
         out = self.psn(embedding, probs)
         return {key: out[:, s:s + n] for key, s, n in self.layout}
 
-    def route(self, tokens: torch.Tensor) -> None:
-        """Compute ``D(x)`` and the synthesised parameters for this batch and store them in the context."""
-        ctx = self.context
+    def forward(self, tokens: torch.Tensor) -> DCRMRouting:
+        """``D(x)`` and the synthesised parameters of this batch from block ``route_from_block``'s output."""
         embedding, grid = self.embed(tokens, with_grid=self.router is not None)
+        logits = None
         if self.router is not None:
-            ctx.domain_logits = self.router(embedding, grid)
-            ctx.domain_probs = torch.softmax(ctx.domain_logits.float(), dim=1).to(tokens.dtype)
+            logits = self.router(embedding, grid)
+            probs = torch.softmax(logits.float(), dim=1).to(tokens.dtype)
         else:
-            ctx.domain_logits = None
-            ctx.domain_probs = tokens.new_full((tokens.shape[0], self.num_domains), 1.0 / self.num_domains)
-        ctx.embedding = embedding
-        if self.psn is not None:
-            out = self.psn(embedding, ctx.domain_probs)
-            ctx.synth = {key: out[:, s:s + n] for key, s, n in self.layout}
-            ctx.synth_reg = out.float().pow(2).mean()
-        else:
-            ctx.synth, ctx.synth_reg = None, tokens.new_zeros((), dtype=torch.float32)
-
-    def pre_hook(self, module: nn.Module, args: tuple) -> None:
-        self.route(args[0])
+            probs = tokens.new_full((tokens.shape[0], self.num_domains), 1.0 / self.num_domains)
+        if self.psn is None:
+            return DCRMRouting(logits, probs, embedding, None, tokens.new_zeros((), dtype=torch.float32))
+        out = self.psn(embedding, probs)
+        synth = {key: out[:, s:s + n] for key, s, n in self.layout}
+        return DCRMRouting(logits, probs, embedding, synth, out.float().pow(2).mean())
 
 
 def find_controller(model: nn.Module) -> DCRMController:
-    """The :class:`DCRMController` inside a network (raises if the network carries no DCRM)."""
+    """The (first) :class:`DCRMController` inside a network (raises if the network carries no DCRM)."""
     for m in model.modules():
         if isinstance(m, DCRMController):
             return m
@@ -514,7 +526,9 @@ class DCRMConfig(PeftConfig):
         dab_form: ``"relative"`` or ``"full"`` (see the module docstring).
         inner_lr: initial inner-loop learning rate ``alpha`` of the bi-level trainer (meta-learned).
         use_rmb, use_router, use_psn, use_dab, use_rescale: ablation switches (paper Table 6).
-        blocks: blocks that get RMB and DAB (``None``: all). Routing always reads block 0's input.
+        route_from_block: ``k``, the block whose output the router reads (negative counts from the end;
+            ``None``: mid-depth, ``(depth - 1) // 2``). Only blocks after ``k`` are modulated.
+        blocks: blocks that get RMB and DAB (``None``: every block after ``k``).
     """
 
     method: ClassVar[str] = "dcrm"
@@ -534,6 +548,17 @@ class DCRMConfig(PeftConfig):
     use_psn: bool = True
     use_dab: bool = True
     use_rescale: bool = True
+    route_from_block: int | None = None
+
+    def routing_block(self, num_blocks: int) -> int:
+        """``k`` resolved for a backbone with ``num_blocks`` blocks."""
+        if self.route_from_block is None:
+            return (num_blocks - 1) // 2
+        k = int(self.route_from_block)
+        if not -num_blocks <= k < num_blocks - 1 or k % num_blocks == num_blocks - 1:
+            raise PeftError(f"route_from_block={k} must leave at least one block to modulate: the backbone has "
+                            f"{num_blocks} blocks, so use 0..{num_blocks - 2}.")
+        return k % num_blocks
 
     def _check(self, backbone: FrozenBackbone, idx: list[int]) -> None:
         if backbone.family != "vit" or any(backbone.blocks[i].token_format != "nlc" for i in idx):
@@ -551,34 +576,44 @@ class DCRMConfig(PeftConfig):
         if not self.inner_lr > 0:
             raise PeftError(f"inner_lr must be > 0, got {self.inner_lr}.")
         for i in idx:
-            attn = getattr(backbone.block_module(i), "attn", None)
-            qkv = getattr(attn, "qkv", None)
-            if not isinstance(qkv, nn.Linear) or "attn_mask" not in inspect.signature(attn.forward).parameters:
-                raise PeftError(f"Block {i} of {backbone.name} has no timm attention with a fused qkv Linear and an "
-                                "attn_mask argument; DCRM supports timm VisionTransformer blocks.")
+            block = unwrap(backbone.block_module(i))
+            attn = getattr(block, "attn", None)
+            if type(block).__name__ != "Block" or type(attn).__name__ != "Attention" or \
+                    not isinstance(unwrap(getattr(attn, "qkv", None)), nn.Linear):
+                raise PeftError(f"Block {i} of {backbone.name} is not a timm ViT pre-norm Block with a fused-qkv "
+                                "Attention; DCRM supports timm VisionTransformer blocks.")
+            if backbone.model.get_submodule(backbone.blocks[i].name) is not block:
+                raise PeftError(f"Block {i} of {backbone.name} is already wrapped by another adapter; apply DCRM "
+                                "before adapters that wrap whole blocks (e.g. DKA, VPT).")
 
     def inject(self, backbone: FrozenBackbone) -> None:
-        idx = select_blocks(backbone, self.blocks)
+        n = len(backbone.blocks)
+        k = self.routing_block(n)
+        idx = list(range(k + 1, n)) if self.blocks is None else select_blocks(backbone, self.blocks)
+        early = [i for i in idx if i <= k]
+        if early:
+            raise PeftError(f"Blocks {early} run before the router (route_from_block={k}) and cannot be modulated; "
+                            f"select blocks after {k} or route from an earlier block.")
         self._check(backbone, idx)
-        context = DCRMContext()
         talers: dict[str, TALer] = {}
         for i in idx:
             info = backbone.blocks[i]
-            block = backbone.block_module(i)
-            attn = block.attn
+            block = unwrap(backbone.block_module(i))
+            rmb = bias = None
             if self.use_rmb:
                 parts = {p: TALer(info.width, self.rank, self.bank_size, self.rescale, self.use_rescale,
                                   self.learn_rescale) for p in "qv" if p in self.targets}
                 keys = {p: f"blocks.{i}.{p}" for p in parts}
                 talers.update({keys[p]: t for p, t in parts.items()})
-                attn.qkv = RMBQKV(attn.qkv, parts, keys, context, synthesised=self.use_psn)
+                rmb = ResidualModulation(parts, keys)
             if self.use_dab:
-                bias = DomainAwareBias(self.num_domains, attn.num_heads, info.grid, info.num_prefix_tokens,
+                bias = DomainAwareBias(self.num_domains, block.attn.num_heads, info.grid, info.num_prefix_tokens,
                                        self.dab_form)
-                block.attn = DomainAwareAttention(attn, bias, context)
-        first = backbone.blocks[0]
-        backbone.dcrm = DCRMController(self, first.width, first.grid, first.num_prefix_tokens, talers, context)
-        backbone.block_module(0).register_forward_pre_hook(backbone.dcrm.pre_hook)
+            replace_module(backbone.model, info.name, DCRMBlock(block, rmb, bias))
+        route = backbone.blocks[k]
+        key = next(f"dcrm{j or ''}" for j in range(len(backbone.routers) + 1)
+                   if f"dcrm{j or ''}" not in backbone.routers)
+        backbone.routers[key] = DCRMController(self, route.width, route.grid, route.num_prefix_tokens, talers, k)
 
 
 # ---------------------------------------------------------------------------------------------- cost

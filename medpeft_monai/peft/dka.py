@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medpeft_monai.backbones import BlockInfo, FrozenBackbone
+from medpeft_monai.backbones import BlockInfo, FrozenBackbone, unwrap
 from medpeft_monai.peft.adapters import Bottleneck, ParallelAdapter, TokenGridConv
 from medpeft_monai.peft.core import (
     PeftConfig,
@@ -88,6 +88,32 @@ def _check_kernel(name: str, k: int) -> int:
 class DualKernelConv(PeftModule):
     """``DW_large(z) + DW_small(z)``: two parallel depthwise convolutions with 'same' padding.
 
+    The parameters are the two branches (``large`` and ``small`` ``nn.Conv2d``). Where it is faster, the
+    forward pass runs **one** depthwise convolution with their sum cropped to the grid
+    (:meth:`merged_kernel`) instead: same output and, since that kernel is rebuilt from the parameters with
+    autograd on every forward, the same gradients for both branches' weights and biases and for the input.
+
+    Modes:
+
+    * unmerged (training, and evaluation before :meth:`merge`), ``path="auto"`` (default): the cropped
+      single kernel where :meth:`single_kernel_pays` says so for the input's grid, else the two branches;
+      ``path="single"`` or ``path="two_branch"`` force one form (the latter is the reference, also
+      :meth:`two_branch`);
+    * merged (:meth:`merge`, :func:`~medpeft_monai.peft.merge_peft`): without autograd (inference, or
+      frozen parameters) a cached kernel keyed by the parameter versions, so an optimizer step or
+      ``load_state_dict`` rebuilds it; with autograd the kernel rebuilt on every forward.
+
+    How ``"auto"`` decides (kernel size against grid): per output pixel the single kernel costs
+    ``kh * kw`` multiply-adds (the kernel cropped to the grid, :func:`cropped_kernel_size`) and the two
+    branches ``K^2 + k^2``. Measured on the CPU (oneDNN depthwise convolutions, forward + backward, paired
+    timings with ``scripts/bench_dka.py --conv-grids``; ``BENCHMARKS.md``) the time ratio single /
+    two-branch follows that count where it is well below 1: 0.02 on 4x4 and 6x6 grids (7x7 and 11x11
+    kernels), 0.3-0.4 on 14x14, 0.85-0.9 on 24x24, 0.9 on 25x25 and 40x24. Where the grid reaches the
+    whole kernel (``H, W >= (K+1)/2``, count ratio 0.99 for 51/5) only the 5x5 branch is saved and the
+    measured ratio was 0.98-1.04 across runs, i.e. a tie within noise, so the reference form is kept
+    there. Rule: the single kernel when its count is at most ``SINGLE_KERNEL_MAX_COST`` (0.95) of the
+    two branches'.
+
     Args:
         channels: ``m``, the bottleneck width (one filter per channel).
         large: large kernel size (paper: 51).
@@ -95,14 +121,18 @@ class DualKernelConv(PeftModule):
         bias: give each branch a bias (the merged bias is their sum).
         grid: the ``(H, W)`` grid this module will see, if known; :meth:`merge` then precomputes the
             cropped kernel for it (other input sizes are handled on the fly).
+        path: unmerged forward: ``"auto"`` (see above), ``"single"`` or ``"two_branch"`` (reference).
 
     Input and output ``(B, m, H, W)``.
     """
 
     mergeable: ClassVar[bool] = True
+    PATHS: ClassVar[tuple[str, ...]] = ("auto", "single", "two_branch")
+    #: ``"auto"`` takes the single kernel when its multiply-adds are at most this share of the two branches'
+    SINGLE_KERNEL_MAX_COST: ClassVar[float] = 0.95
 
     def __init__(self, channels: int, large: int = 51, small: int = 5, bias: bool = True,
-                 grid: tuple[int, int] | None = None) -> None:
+                 grid: tuple[int, int] | None = None, path: str = "auto") -> None:
         super().__init__()
         large, small = _check_kernel("large_kernel", large), _check_kernel("small_kernel", small)
         if small > large:
@@ -114,10 +144,33 @@ class DualKernelConv(PeftModule):
         self.small = nn.Conv2d(channels, channels, small, padding=small // 2, groups=channels, bias=bias)
         self.grid = None if grid is None else (int(grid[0]), int(grid[1]))
         self.merged = False
+        self.path = path
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, large={self.large_size}, small={self.small_size}, merged={self.merged}"
+        return (f"channels={self.channels}, large={self.large_size}, small={self.small_size}, merged={self.merged}, "
+                f"path={self.path!r}")
+
+    @property
+    def path(self) -> str:
+        """Unmerged forward: ``"auto"``, ``"single"`` (cropped single kernel) or ``"two_branch"`` (reference)."""
+        return self._path
+
+    @path.setter
+    def path(self, value: str) -> None:
+        if value not in self.PATHS:
+            raise PeftError(f"DualKernelConv path must be one of {self.PATHS}, got {value!r}.")
+        self._path = value
+
+    def single_kernel_pays(self, grid: tuple[int, int]) -> bool:
+        """Whether the cropped single kernel is the cheaper form on ``grid`` (the ``"auto"`` rule)."""
+        kh, kw = cropped_kernel_size(self.large_size, grid)
+        two = self.large_size ** 2 + self.small_size ** 2
+        return kh * kw <= self.SINGLE_KERNEL_MAX_COST * two
+
+    def uses_single_kernel(self, grid: tuple[int, int]) -> bool:
+        """Whether an unmerged forward on ``grid`` runs the single kernel (else the two branches)."""
+        return self.path == "single" or (self.path == "auto" and self.single_kernel_pays(grid))
 
     def merged_kernel(self, grid: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One depthwise kernel (and bias) equal to both branches together.
@@ -131,12 +184,14 @@ class DualKernelConv(PeftModule):
             Differentiable with respect to the branch parameters.
         """
         k, s = self.large_size, self.small_size
-        off = (k - s) // 2
-        weight = self.large.weight + F.pad(self.small.weight, (off, off, off, off))
-        if grid is not None:
-            kh, kw = cropped_kernel_size(k, grid)
-            top, left = (k - kh) // 2, (k - kw) // 2
-            weight = weight[:, :, top:top + kh, left:left + kw]
+        kh, kw = (k, k) if grid is None else cropped_kernel_size(k, grid)
+        # crop each branch to the centred (kh, kw) window first, then add the small one in its centre
+        top, left = (k - kh) // 2, (k - kw) // 2
+        weight = self.large.weight[:, :, top:top + kh, left:left + kw]
+        sh, sw = min(s, kh), min(s, kw)
+        small = self.small.weight[:, :, (s - sh) // 2:(s - sh) // 2 + sh, (s - sw) // 2:(s - sw) // 2 + sw]
+        ph, pw = (kh - sh) // 2, (kw - sw) // 2
+        weight = weight + F.pad(small, (pw, pw, ph, ph))
         bias = None
         if self.large.bias is not None:
             bias = self.large.bias + self.small.bias
@@ -155,15 +210,19 @@ class DualKernelConv(PeftModule):
             self._cache[key] = hit
         return hit
 
+    def two_branch(self, z: torch.Tensor) -> torch.Tensor:
+        """The reference form: both depthwise convolutions as parameterised ('same' padding), summed."""
+        return self.large(z) + self.small(z)
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if not self.merged:
-            return self.large(z) + self.small(z)
         grid = (int(z.shape[-2]), int(z.shape[-1]))
+        if not self.merged and not self.uses_single_kernel(grid):
+            return self.two_branch(z)
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        if needs_grad:
-            w, b = self.merged_kernel(grid)
-        else:
+        if self.merged and not needs_grad:
             w, b = self._cached_kernel(grid, z)
+        else:  # rebuilt with autograd: gradients are those of the two-branch form
+            w, b = self.merged_kernel(grid)
         return F.conv2d(z, w, b, padding=(w.shape[-2] // 2, w.shape[-1] // 2), groups=self.channels)
 
     def merge(self) -> None:
@@ -174,25 +233,22 @@ class DualKernelConv(PeftModule):
             self._cached_kernel(self.grid, self.large.weight)
 
     def unmerge(self) -> None:
-        """Back to the two-branch reference (idempotent; the parameters were never changed)."""
+        """Back to the unmerged forward of :attr:`path` (idempotent; the parameters were never changed)."""
         self.merged = False
         self._cache.clear()
 
 
 class _MergeChildren:
-    """Mixin: :meth:`merge` / :meth:`unmerge` switch every :class:`DualKernelConv` inside the module."""
+    """Mixin for the modules around a :class:`DualKernelConv`: they merge by their convolution merging
+    (:func:`~medpeft_monai.peft.merge_peft` switches every module of the adapter), so nothing to do here."""
 
     mergeable: ClassVar[bool] = True
 
     def merge(self) -> None:
-        for m in self.modules():
-            if isinstance(m, DualKernelConv):
-                m.merge()
+        """Nothing of its own to merge."""
 
     def unmerge(self) -> None:
-        for m in self.modules():
-            if isinstance(m, DualKernelConv):
-                m.unmerge()
+        """Nothing of its own to unmerge."""
 
 
 class UnrolledTokenConv(nn.Module):
@@ -261,6 +317,8 @@ class DKABlock(_MergeChildren, PeftModule):
 
     Attributes the wrapper does not have (``attn``, ``mlp``, ``dim_out`` ...) are read from the block.
     """
+
+    wraps = ("inner",)
 
     def __init__(self, block: nn.Module, adapter: DKAAdapter, scale: float) -> None:
         super().__init__()
@@ -364,7 +422,7 @@ class DKAConfig(PeftConfig):
         todo = []
         for i in select_blocks(backbone, self.blocks):
             info = backbone.blocks[i]
-            block = backbone.block_module(i)
+            block = unwrap(backbone.block_module(i))
             if wants_attn and info.token_format != "nlc":
                 raise PeftError(f"DKA position={self.position!r} needs ViT-family blocks (attention on the token "
                                 f"grid); {backbone.name} block {i} has {info.token_format!r} tokens with windowed "
@@ -378,14 +436,15 @@ class DKAConfig(PeftConfig):
             grid, prefix, perm = self._output_layout(backbone, info, block)
             width = _out_width(block)
             if self.position == "block":
-                replace_module(backbone.model, info.name, DKABlock(block, self._adapter(width, grid, prefix, perm),
+                site = backbone.model.get_submodule(info.name)
+                replace_module(backbone.model, info.name, DKABlock(site, self._adapter(width, grid, prefix, perm),
                                                                    self.scale))
                 continue
             if wants_attn:
                 block.attn = DKAParallel(block.attn, self._adapter(info.width, info.grid, info.num_prefix_tokens),
-                                         self.scale, norm=block.norm1)
+                                         self.scale, norm=block.norm1, norm_attr="norm1")
                 block.norm1 = nn.Identity()
             if self.position in ("mlp", "both"):
                 block.mlp = DKAParallel(block.mlp, self._adapter(width, grid, prefix, perm), self.scale,
-                                        norm=block.norm2)
+                                        norm=block.norm2, norm_attr="norm2")
                 block.norm2 = nn.Identity()

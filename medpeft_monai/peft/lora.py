@@ -3,8 +3,16 @@
 For a frozen ``W`` the adapted layer computes ``y = W x + (alpha / r) * B A x`` with ``A`` (r x d_in,
 Kaiming-uniform) and ``B`` (d_out x r, zeros), so the output is unchanged at initialisation. On a
 fused ``qkv`` projection (``d_out = 3 d``, rows ordered Q, K, V as in timm's ViT, Swin and Hiera)
-only the chosen parts get a low-rank pair; the K rows of ``W`` and the K output are never touched.
-Because the update is linear, :meth:`LoRALinear.merge` folds ``(alpha / r) B A`` into ``W``.
+only the chosen parts get a low-rank pair, sliced by ``d = d_out / 3`` (at Hiera's q-pool blocks
+``d_in != d``); the K rows of ``W`` and the K output are never touched: the low-rank updates are added
+in place to the Q and V slices of the frozen layer's own output.
+
+Merged form (:func:`~medpeft_monai.peft.merge_peft`): one linear layer with ``W + (alpha / r) B A``,
+computed from the unchanged parameters and cached until one of them changes, so a checkpoint loaded
+after merging is served correctly and ``W`` itself is never modified.
+
+LoRA also targets plain modules by name (:meth:`LoRAConfig.inject_module`), e.g. the attention
+projections of MONAI's ``DiffusionModelUNet``; a second LoRA may wrap a first one (stacked adapters).
 """
 
 from __future__ import annotations
@@ -14,10 +22,20 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from medpeft_monai.backbones import FrozenBackbone
-from medpeft_monai.peft.core import PeftConfig, PeftError, PeftModule, find_targets, register_method, replace_module
+from medpeft_monai.backbones import FrozenBackbone, unwrap
+from medpeft_monai.peft.core import (
+    ParameterCache,
+    PeftConfig,
+    PeftError,
+    PeftModule,
+    find_module_targets,
+    find_targets,
+    register_method,
+    replace_module,
+)
 
 __all__ = ["LoRAConfig", "LoRALinear"]
 
@@ -25,10 +43,10 @@ QKV_PARTS = "qkv"
 
 
 class LoRALinear(PeftModule):
-    """A frozen ``nn.Linear`` plus low-rank updates on some of its output slices.
+    """A frozen ``nn.Linear`` (or an already adapted one) plus low-rank updates on some of its output slices.
 
     Args:
-        base: the frozen linear layer.
+        base: the frozen linear layer, or a :class:`LoRALinear` of another adapter around it.
         rank: ``r``, the rank of each update.
         alpha: scaling numerator; the update is multiplied by ``alpha / r``.
         parts: for a fused qkv layer, which of ``"q"``, ``"k"``, ``"v"`` to adapt (e.g. ``"qv"``);
@@ -37,15 +55,19 @@ class LoRALinear(PeftModule):
     """
 
     mergeable = True
+    wraps = ("base",)
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, parts: str | None = None,
+    def __init__(self, base: nn.Module, rank: int, alpha: float, parts: str | None = None,
                  dropout: float = 0.0) -> None:
         super().__init__()
         if rank < 1:
             raise PeftError(f"LoRA rank must be >= 1, got {rank}.")
+        linear = unwrap(base)
+        if not isinstance(linear, nn.Linear):
+            raise PeftError(f"LoRA needs an nn.Linear, got {type(linear).__name__}.")
         self.base = base
         self.rank, self.scale = int(rank), float(alpha) / float(rank)
-        d_in, d_out = base.in_features, base.out_features
+        d_in, d_out = linear.in_features, linear.out_features
         if parts is None:
             self.slices = {"all": (0, d_out)}
         else:
@@ -63,51 +85,62 @@ class LoRALinear(PeftModule):
             self.lora_B[key] = nn.Parameter(torch.zeros(hi - lo, self.rank))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self._merged_weight = ParameterCache()
 
     def delta_weight(self, key: str) -> torch.Tensor:
         """``(alpha / r) B A`` for one slice."""
         return self.scale * self.lora_B[key] @ self.lora_A[key]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if self.merged:
-            return y
-        h = self.dropout(x)
+    def effective_weight(self) -> torch.Tensor:
+        """``W`` plus every low-rank update of this and any inner LoRA layer (differentiable)."""
+        w = self.base.effective_weight() if isinstance(self.base, LoRALinear) else unwrap(self.base).weight
         pieces, start = [], 0
         for key, (lo, hi) in self.slices.items():
-            pieces.append(y[..., start:lo])
-            update = (h @ self.lora_A[key].t()) @ self.lora_B[key].t()
-            pieces.append(y[..., lo:hi] + self.scale * update)
+            pieces += [w[start:lo], w[lo:hi] + self.delta_weight(key).to(w.dtype)]
             start = hi
-        pieces.append(y[..., start:])
-        return torch.cat(pieces, dim=-1)
+        return torch.cat(pieces + [w[start:]])
 
-    @torch.no_grad()
-    def merge(self) -> None:
+    def _chain_parameters(self) -> list[torch.Tensor]:
+        params = [*self.lora_A.values(), *self.lora_B.values()]
+        inner = self.base
+        return params + (inner._chain_parameters() if isinstance(inner, LoRALinear) else [unwrap(inner).weight])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
-            return
+            bias = unwrap(self.base).bias
+            if torch.is_grad_enabled() and any(p.requires_grad for p in self._chain_parameters()):
+                return F.linear(x, self.effective_weight(), bias)
+            w = self._merged_weight.get(self._chain_parameters(), self.effective_weight, x.dtype, x.device)
+            return F.linear(x, w.to(x.dtype), bias)
+        y = self.base(x).contiguous()
+        h = self.dropout(x)
+        # y[:, lo:hi] += (alpha / r) (h A^T) B^T as one fused addmm per slice, in place on the fresh output
+        # (a linear layer does not keep its output for backward); the dtype casts are no-ops outside autocast
+        rows, h_rows = y.view(-1, y.shape[-1]), h.reshape(-1, h.shape[-1])
         for key, (lo, hi) in self.slices.items():
-            self.base.weight[lo:hi] += self.delta_weight(key).to(self.base.weight.dtype)
+            low = (h_rows @ self.lora_A[key].t()).to(y.dtype)
+            rows[:, lo:hi].addmm_(low, self.lora_B[key].t().to(y.dtype), alpha=self.scale)
+        return y
+
+    def merge(self) -> None:
+        """Serve from the folded weight (idempotent; the parameters are not changed)."""
         self.merged = True
 
-    @torch.no_grad()
     def unmerge(self) -> None:
-        if not self.merged:
-            return
-        for key, (lo, hi) in self.slices.items():
-            self.base.weight[lo:hi] -= self.delta_weight(key).to(self.base.weight.dtype)
         self.merged = False
+        self._merged_weight.clear()
 
 
 @register_method
 @dataclass
 class LoRAConfig(PeftConfig):
-    """LoRA on the linear layers matching ``target`` inside the selected blocks.
+    r"""LoRA on the linear layers matching ``target`` inside the selected blocks.
 
     Args:
         rank: rank ``r`` of every update.
         alpha: the update is scaled by ``alpha / r``.
-        target: regex on block-relative module names; default: the fused attention ``qkv``.
+        target: regex on block-relative module names (on a plain module without FrozenBackbone: on full
+            module names, e.g. ``r".*attn\.to_[qv]"``); default: the fused attention ``qkv``.
         qkv_parts: on a fused qkv layer, which projections to adapt (the papers' baseline: ``"qv"``,
             K untouched); ignored (whole output adapted) for layers whose name does not end in ``qkv``.
         dropout: dropout on the LoRA input.
@@ -120,10 +153,19 @@ class LoRAConfig(PeftConfig):
     qkv_parts: str = "qv"
     dropout: float = 0.0
 
-    def inject(self, backbone: FrozenBackbone) -> None:
-        for name in find_targets(backbone, self.target, self.blocks):
-            layer = backbone.model.get_submodule(name)
-            if not isinstance(layer, nn.Linear):
-                raise PeftError(f"LoRA target {name} is a {type(layer).__name__}, not nn.Linear.")
+    def _wrap(self, root: nn.Module, names: list[str]) -> None:
+        for name in names:
+            layer = root.get_submodule(name)
+            if not isinstance(unwrap(layer), nn.Linear):
+                raise PeftError(f"LoRA target {name} is a {type(unwrap(layer)).__name__}, not nn.Linear; "
+                                "narrow `target` to linear layers.")
             parts = self.qkv_parts if name.endswith("qkv") else None
-            replace_module(backbone.model, name, LoRALinear(layer, self.rank, self.alpha, parts, self.dropout))
+            replace_module(root, name, LoRALinear(layer, self.rank, self.alpha, parts, self.dropout))
+
+    def inject(self, backbone: FrozenBackbone) -> None:
+        self._wrap(backbone.model, find_targets(backbone, self.target, self.blocks))
+
+    def inject_module(self, root: nn.Module) -> None:
+        if self.blocks is not None:
+            raise PeftError("LoRA on a plain module selects layers by `target` only; `blocks` needs a FrozenBackbone.")
+        self._wrap(root, find_module_targets(root, self.target))

@@ -4,12 +4,13 @@
 ``[prefix, prompts, patches]``.
 
 * VPT-shallow: prompts enter before the first selected block and travel through the following
-  blocks like ordinary tokens.
+  blocks like ordinary tokens; the last selected block removes them again.
 * VPT-deep: every selected block gets its own fresh prompts; the prompts a block outputs are dropped.
 
-Each wrapped block removes the prompt tokens from its output again, so between blocks (and in the
-multi-level features a dense head reads) the token layout is exactly the backbone's. Shallow mode
-carries the prompt outputs to the next wrapped block through a small shared state.
+The prompt tokens are part of the token tensor between the blocks of a shallow span (no state is kept
+on any module): the backbone's :meth:`~medpeft_monai.backbones.FrozenBackbone.to_nchw` reads the patch
+tokens as the last ``H*W`` tokens, so dense heads see the backbone's grid at any depth, and after the
+span the layout is exactly the backbone's again.
 """
 
 from __future__ import annotations
@@ -22,46 +23,40 @@ import torch
 from torch import nn
 
 from medpeft_monai.backbones import FrozenBackbone
-from medpeft_monai.peft.core import PeftConfig, PeftError, PeftModule, register_method, select_blocks
+from medpeft_monai.peft.core import PeftConfig, PeftError, PeftModule, register_method, replace_module, select_blocks
 
 __all__ = ["PromptedBlock", "VPTConfig"]
 
 
-class _Carry:
-    """Prompt tokens handed from one shallow-VPT block to the next within a forward pass."""
-
-    tokens: torch.Tensor | None = None
-
-
 class PromptedBlock(PeftModule):
-    """Run ``block`` on ``[prefix, prompts, patches]`` and return ``[prefix, patches]``.
+    """Run ``block`` with prompt tokens: optionally insert them before it, optionally remove them after it.
 
     Args:
-        block: the frozen transformer block (``(B, N, C)`` tokens).
+        block: the frozen transformer block (``(B, N, C)`` tokens), or a wrapper around it.
         num_prefix_tokens: class/register tokens in front of the patch tokens.
-        prompts: ``(P, C)`` learnable prompts inserted here, or ``None`` to re-insert the prompts
-            carried from the previous block (shallow VPT).
-        carry: shared state for shallow VPT; ``None`` for deep VPT.
+        num_prompts: ``P``.
+        prompts: ``(P, C)`` learnable prompts inserted before this block, or ``None`` when the prompts
+            arrive in the tokens (a later block of a shallow span).
+        remove: drop the ``P`` prompt tokens from the block's output (deep VPT; the last block of a
+            shallow span).
     """
 
+    wraps = ("block",)
+
     def __init__(self, block: nn.Module, num_prefix_tokens: int, num_prompts: int,
-                 prompts: nn.Parameter | None, carry: _Carry | None) -> None:
+                 prompts: nn.Parameter | None, remove: bool) -> None:
         super().__init__()
         self.block, self.p, self.num_prompts = block, int(num_prefix_tokens), int(num_prompts)
-        self.prompts, self.carry = prompts, carry
+        self.prompts, self.remove = prompts, bool(remove)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.prompts is not None:
             prompts = self.prompts.unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype)
-        else:
-            prompts = self.carry.tokens
-            if prompts is None or prompts.shape[0] != x.shape[0]:
-                raise PeftError("Shallow VPT: no prompts carried into this block; the first prompted block must run "
-                                "before it in the same forward pass.")
-        y = self.block(torch.cat([x[:, :self.p], prompts, x[:, self.p:]], dim=1), *args, **kwargs)
-        if self.carry is not None:
-            self.carry.tokens = y[:, self.p:self.p + self.num_prompts]
-        return torch.cat([y[:, :self.p], y[:, self.p + self.num_prompts:]], dim=1)
+            x = torch.cat([x[:, :self.p], prompts, x[:, self.p:]], dim=1)
+        y = self.block(x, *args, **kwargs)
+        if self.remove:
+            y = torch.cat([y[:, :self.p], y[:, self.p + self.num_prompts:]], dim=1)
+        return y
 
 
 @register_method
@@ -87,13 +82,15 @@ class VPTConfig(PeftConfig):
             raise PeftError(f"num_prompts must be >= 1, got {self.num_prompts}.")
         if not self.deep and idx != list(range(idx[0], idx[-1] + 1)):
             raise PeftError(f"Shallow VPT carries prompts block to block; give consecutive blocks, got {idx}.")
-        carry = None if self.deep else _Carry()
         for j, i in enumerate(idx):
+            first, last = j == 0, j == len(idx) - 1
+            if not (self.deep or first or last):
+                continue  # inside a shallow span the prompts simply travel with the tokens
             info = backbone.blocks[i]
             prompts = None
-            if self.deep or j == 0:
+            if self.deep or first:
                 bound = math.sqrt(6.0 / (info.width + info.grid[0] * info.grid[1]))  # uniform Xavier as in VPT
                 prompts = nn.Parameter(torch.empty(self.num_prompts, info.width).uniform_(-bound, bound))
-            wrapped = PromptedBlock(backbone.block_module(i), info.num_prefix_tokens, self.num_prompts, prompts, carry)
-            parent, _, child = info.name.rpartition(".")
-            setattr(backbone.model.get_submodule(parent), child, wrapped)
+            site = backbone.model.get_submodule(info.name)
+            replace_module(backbone.model, info.name, PromptedBlock(site, info.num_prefix_tokens, self.num_prompts,
+                                                                    prompts, remove=self.deep or last))
