@@ -9,8 +9,9 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["add_common_arguments", "cpu_name", "interleaved", "setup", "sync"]
+__all__ = ["add_common_arguments", "classification_closures", "cpu_name", "interleaved", "setup", "sync"]
 
 
 def sync(device: torch.device) -> None:
@@ -32,6 +33,28 @@ def interleaved(fns: dict, device: torch.device, warmup: int, iters: int) -> dic
             sync(device)
             times[k].append((time.perf_counter() - start) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def classification_closures(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: dict,
+                            num_classes: int, device: torch.device):
+    """A training step (train mode; forward, cross-entropy, backward, optimizer step) and an inference
+    forward (eval, ``torch.inference_mode``), both on one fixed seeded batch of ``cfg["batch"]`` images."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(cfg["batch"], 3, cfg["image_size"], cfg["image_size"], generator=gen).to(device)
+    y = torch.randint(0, num_classes, (cfg["batch"],), generator=gen).to(device)
+
+    def train_step():
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    def infer():
+        model.eval()
+        with torch.inference_mode():
+            model(x)
+
+    return train_step, infer
 
 
 def cpu_name() -> str:

@@ -3,9 +3,13 @@
 Variants (all a PeftClassifier with the same frozen backbone and a linear head):
 
 * ``linear_probe``: the frozen backbone alone, only the head trains (the reference);
-* ``dka``: DKA in every block, the two-branch reference (51x51 and 5x5 depthwise convolutions);
-* ``dka_merged``: the same adapters after ``merge_peft``: one depthwise convolution per adapter with the
-  merged kernel cropped to the token grid (training rebuilds that kernel from the parameters each step).
+* ``dka_two_branch``: DKA in every block, run as the two-branch reference (``DualKernelConv.path =
+  "two_branch"``: 51x51 and 5x5 depthwise convolutions, summed);
+* ``dka``: the same adapters as they train by default (``path="auto"``): on grids smaller than the kernel's
+  reach one depthwise convolution per adapter with the summed kernel cropped to the token grid, rebuilt from
+  the branch parameters with autograd on every forward (on larger grids the two branches);
+* ``dka_merged``: the same adapters after ``merge_peft``: inference uses a cached cropped kernel (training
+  in this mode rebuilds it like ``dka``).
 
 For each: trainable parameters, median training-step time (forward, cross-entropy, backward, AdamW step
 with the paper's adapter/head learning rates) and median inference time (eval, ``torch.inference_mode``),
@@ -13,9 +17,16 @@ after warm-up iterations, with ``torch.cuda.synchronize`` on GPUs. The variants 
 (one iteration of each in turn), so a change in machine load affects all of them alike; ratios are to
 ``linear_probe`` in the same run. On GPUs the peak allocated memory of one step is reported too.
 
+``--conv-grids`` times the :class:`~medpeft_monai.peft.dka.DualKernelConv` alone instead (forward + backward
+with the input and both branches needing gradients): the two-branch reference against the cropped single
+kernel the adapters train with, on each grid, as paired timings (the two forms alternate, and the median of
+the per-pair ratios is reported, which machine load changes little). This is the measurement behind the
+choice of the training path.
+
 Examples::
 
     python scripts/bench_dka.py                                  # small CPU preset
+    python scripts/bench_dka.py --threads 1 --conv-grids 4x4 6x6 14x14 4x16 24x24 26x26 32x32 40x24 64x64
     python scripts/bench_dka.py --preset vitb --device cuda --out bench_dka_vitb.json
 """
 
@@ -24,19 +35,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
+import time
 
 import torch
-import torch.nn.functional as F
 
 import medpeft_monai.peft.dka  # noqa: F401  (registers "dka")
 from medpeft_monai.nets.classifier import PeftClassifier
 from medpeft_monai.peft import count_parameters, merge_peft, param_groups
-from medpeft_monai.peft.dka import cropped_kernel_size
+from medpeft_monai.peft.dka import DualKernelConv, cropped_kernel_size
 from medpeft_monai.utils import write_text_atomic
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import add_common_arguments, interleaved, setup, sync  # noqa: E402
+from bench_common import add_common_arguments, classification_closures, interleaved, setup, sync  # noqa: E402
 
 PRESETS = {
     "cpu": {"backbone": "vit_tiny_patch16_224", "model_kwargs": {"depth": 12}, "image_size": 96, "batch": 8,
@@ -44,7 +56,7 @@ PRESETS = {
     "vitb": {"backbone": "vit_base_patch16_224", "model_kwargs": {}, "image_size": 224, "batch": 32,
              "warmup": 5, "iters": 20},
 }
-VARIANTS = ("linear_probe", "dka", "dka_merged")
+VARIANTS = ("linear_probe", "dka_two_branch", "dka", "dka_merged")
 
 
 def _peak_mib(fn, device: torch.device) -> float | None:
@@ -67,6 +79,10 @@ def build(variant: str, cfg: dict, device: torch.device, num_classes: int) -> Pe
             for p in model.parameters():
                 if p.requires_grad:
                     p.normal_(0, 0.02)
+    if variant == "dka_two_branch":
+        for m in model.modules():
+            if isinstance(m, DualKernelConv):
+                m.path = "two_branch"
     if variant == "dka_merged":
         merge_peft(model)
     return model.to(device)
@@ -75,22 +91,8 @@ def build(variant: str, cfg: dict, device: torch.device, num_classes: int) -> Pe
 def prepare(variant: str, cfg: dict, device: torch.device, num_classes: int = 10):
     """The model and its training-step and inference closures."""
     model = build(variant, cfg, device, num_classes)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(cfg["batch"], 3, cfg["image_size"], cfg["image_size"], generator=gen).to(device)
-    y = torch.randint(0, num_classes, (cfg["batch"],), generator=gen).to(device)
-    opt = torch.optim.AdamW(param_groups(model, 1e-3, 1e-4))
-
-    def train_step():
-        model.train()
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    def infer():
-        model.eval()
-        with torch.inference_mode():
-            model(x)
-
+    train_step, infer = classification_closures(model, torch.optim.AdamW(param_groups(model, 1e-3, 1e-4)), cfg,
+                                                num_classes, device)
     return model, train_step, infer
 
 
@@ -116,7 +118,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         (f"Backbone `{meta['backbone']}` {meta['model_kwargs'] or ''} at {meta['image_size']} px "
         f"(token grid {meta['grid'][0]}x{meta['grid'][1]}; merged kernel {meta['merged_kernel'][0]}x"
         f"{meta['merged_kernel'][1]} instead of {meta['large_kernel']}x{meta['large_kernel']}), "
-        f"batch {meta['batch']}, "
+        f"batch {meta['batch']}, random (not pretrained) backbone weights, "
         f"DKA m={meta['hidden']} in all {meta['num_blocks']} blocks; device {meta['device_name']}, "
         f"{meta['threads']} CPU thread(s); median of {meta['iters']} round-robin iterations after "
         f"{meta['warmup']} warm-up."),
@@ -135,15 +137,93 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def conv_bench(grids: list[tuple[int, int]], channels: int, batch: int, device: torch.device,
+               large: int = 51, small: int = 5, seconds: float = 4.0) -> list[dict]:
+    """Paired forward + backward timings of one DualKernelConv, two-branch reference against single kernel."""
+
+    def step(conv, z):
+        zz = z.detach().requires_grad_()
+        sync(device)
+        start = time.perf_counter()
+        conv(zz).square().sum().backward()
+        sync(device)
+        return (time.perf_counter() - start) * 1e3
+
+    rows = []
+    for grid in grids:
+        torch.manual_seed(0)
+        conv = DualKernelConv(channels, large, small).to(device)
+        z = torch.randn(batch, channels, *grid, device=device)
+        forms = {}
+        for path in ("two_branch", "single"):
+            conv.path = path
+            step(conv, z)  # warm-up
+            forms[path] = step(conv, z)
+        n = max(5, min(21, int(seconds * 1e3 / max(forms["two_branch"], 1e-3))))
+        two, one, ratio = [], [], []
+        for i in range(n):
+            times = {}
+            for path in (("two_branch", "single") if i % 2 == 0 else ("single", "two_branch")):
+                conv.path = path
+                times[path] = step(conv, z)
+            two.append(times["two_branch"]), one.append(times["single"])
+            ratio.append(times["single"] / times["two_branch"])
+        kh, kw = cropped_kernel_size(large, grid)
+        rows.append({"grid": list(grid), "kernel": [kh, kw], "channels": channels, "batch": batch, "pairs": n,
+                     "two_branch_ms": statistics.median(two), "single_ms": statistics.median(one),
+                     "ratio": statistics.median(ratio), "ratio_min": min(ratio), "ratio_max": max(ratio),
+                     "mac_ratio": kh * kw / (large * large + small * small)})
+    return rows
+
+
+def conv_markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        (f"`DualKernelConv` ({meta['large_kernel']}x{meta['large_kernel']} + {meta['small_kernel']}x"
+         f"{meta['small_kernel']}, m={rows[0]['channels']}, batch {rows[0]['batch']}) forward + backward; "
+         f"device {meta['device_name']}, {meta['threads']} CPU thread(s); paired timings, median of the "
+         "per-pair ratios."),
+        "",
+        "| grid | single kernel | two-branch (ms) | single (ms) | single / two-branch [min, max] | MACs ratio |",
+        "|---|---|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['grid'][0]}x{r['grid'][1]} | {r['kernel'][0]}x{r['kernel'][1]} | "
+                     f"{r['two_branch_ms']:.1f} | {r['single_ms']:.1f} | {r['ratio']:.2f} "
+                     f"[{r['ratio_min']:.2f}, {r['ratio_max']:.2f}] | {r['mac_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def report(result: dict, out: str | None) -> dict:
+    """Print the result's table and write the whole result as JSON to ``out`` (atomically) if given."""
+    print(result["markdown"])
+    if out:
+        write_text_atomic(out, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _grid(text: str) -> tuple[int, int]:
+    h, _, w = text.lower().partition("x")
+    return int(h), int(w or h)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(p, PRESETS, VARIANTS)
     p.add_argument("--hidden", type=int, default=16, help="DKA width m (paper: 16 classification, 192 segmentation)")
+    p.add_argument("--conv-grids", nargs="+", type=_grid, default=None, metavar="HxW",
+                   help="time the DualKernelConv alone on these token grids (two-branch vs single kernel)")
     args = p.parse_args(argv)
 
     cfg, device, device_name = setup(args, PRESETS)
     cfg["hidden"] = args.hidden
+    command = "python scripts/bench_dka.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.conv_grids:
+        batch = args.batch if args.batch is not None else 8
+        rows = conv_bench(args.conv_grids, args.hidden, batch, device)
+        meta = {"device": device.type, "device_name": device_name, "threads": torch.get_num_threads(),
+                "torch": torch.__version__, "large_kernel": 51, "small_kernel": 5, "command": command}
+        return report({"meta": meta, "conv_results": rows, "markdown": conv_markdown(rows, meta)}, args.out)
     if "linear_probe" not in args.variants:
         args.variants = ["linear_probe", *args.variants]
     if device.type == "cuda":
@@ -156,13 +236,8 @@ def main(argv=None) -> dict:
             "threads": torch.get_num_threads(), "torch": torch.__version__, "grid": list(grid),
             "num_blocks": len(probe.backbone.blocks), "large_kernel": 51,
             "merged_kernel": list(cropped_kernel_size(51, grid)),
-            "command": "python scripts/bench_dka.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    table = markdown(rows, meta)
-    print(table)
-    result = {"meta": meta, "results": rows, "markdown": table}
-    if args.out:
-        write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
-    return result
+            "command": command}
+    return report({"meta": meta, "results": rows, "markdown": markdown(rows, meta)}, args.out)
 
 
 if __name__ == "__main__":
