@@ -9,10 +9,15 @@ selection touches the test split.
 Writes ``results.csv`` (one row per method x fraction x fold), ``summary.csv`` (mean +- std) and
 ``low_data.png`` (metric vs fraction, mean +- std per method) into ``--out`` and prints the table.
 
-Example (a small sweep on the sample data, a few minutes on a CPU)::
+``--lrs ADAPTER:HEAD ...`` runs every method under each learning-rate pair instead of its default
+(the method column then reads ``dka@0.001:0.0001``): the paper's asynchronous-learning-rate scan.
+
+Examples (small sweeps on the sample data, a few minutes on a CPU)::
 
     python scripts/low_data.py --bundle bundles/dka_classification --fractions 0.1 0.25 1.0 --folds 2 \
         --methods linear_probe dka adapter --out low_data_out
+    python scripts/low_data.py --bundle bundles/dka_classification --fractions 1.0 --folds 2 --methods dka \
+        --lrs 0.003:0.003 0.001:0.0001 0.003:0.0003 0.0003:0.003 --out lr_sweep_out
 """
 
 from __future__ import annotations
@@ -65,12 +70,27 @@ def subsample(items: list[dict], fraction: float, seed: int, label_key: str = "l
     return out
 
 
-def run_one(bundle: Path, method: str, train_items: list[dict], args, workdir: str) -> float:
-    """Train ``method`` on ``train_items`` with the bundle's train.json and score the test split."""
+def parse_lrs(text: str) -> tuple[float, float]:
+    """``"ADAPTER:HEAD"`` -> ``(adapter_lr, head_lr)``."""
+    try:
+        adapter, head = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lrs takes ADAPTER:HEAD pairs such as 0.001:0.0001, got {text!r}.")
+    if min(adapter, head) <= 0:
+        raise argparse.ArgumentTypeError(f"learning rates must be positive, got {text!r}.")
+    return adapter, head
+
+
+def run_one(bundle: Path, method: str, train_items: list[dict], args, workdir: str,
+            lrs: tuple[float, float] | None = None) -> float:
+    """Train ``method`` on ``train_items`` with the bundle's train.json (at ``lrs`` = (adapter, head),
+    default the method's own) and score the test split."""
     from monai.bundle import ConfigParser
     from monai.utils import set_determinism
 
     peft, (adapter_lr, head_lr) = METHODS[method]
+    if lrs is not None:
+        adapter_lr, head_lr = lrs
     repeats = max(1, math.ceil(args.samples / len(train_items)))
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "train.json"))
@@ -154,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test_key", default="test", help="datalist section used as the fixed test set")
     p.add_argument("--override", type=json.loads, default=None,
                    help='JSON dict of extra config overrides, e.g. \'{"image_size": [96, 96]}\'')
+    p.add_argument("--lrs", type=parse_lrs, nargs="+", default=None, metavar="ADAPTER:HEAD",
+                   help="run every method under each (adapter, head) learning-rate pair instead of its default")
     p.add_argument("--out", type=Path, default=Path("low_data_out"))
     args = p.parse_args(argv)
 
@@ -167,19 +189,21 @@ def main(argv: list[str] | None = None) -> int:
     train_items = parser.get_parsed_content("train_datalist")
 
     rows = []
-    total = len(args.fractions) * args.folds * len(args.methods)
+    runs = [(m, lrs, m if lrs is None else f"{m}@{lrs[0]:g}:{lrs[1]:g}")
+            for m in args.methods for lrs in (args.lrs or [None])]
+    total = len(args.fractions) * args.folds * len(runs)
     done = 0
     for fraction in args.fractions:
         for fold in range(args.folds):
             subset = subsample(train_items, fraction, seed=fold)
-            for method in args.methods:
+            for method, lrs, label in runs:
                 done += 1
                 t0 = time.time()
                 with tempfile.TemporaryDirectory() as work:
-                    metric = run_one(args.bundle, method, subset, args, work)
-                rows.append({"method": method, "fraction": fraction, "fold": fold, "n_train": len(subset),
+                    metric = run_one(args.bundle, method, subset, args, work, lrs)
+                rows.append({"method": label, "fraction": fraction, "fold": fold, "n_train": len(subset),
                              "metric": metric})
-                print(f"[{done}/{total}] fraction={100 * fraction:g}% fold={fold} method={method} "
+                print(f"[{done}/{total}] fraction={100 * fraction:g}% fold={fold} method={label} "
                       f"n_train={len(subset)} metric={metric:.4f} ({time.time() - t0:.0f}s)", flush=True)
                 write_csv(args.out / "results.csv", rows)
     summary = summarise(rows)

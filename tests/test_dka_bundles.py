@@ -1,5 +1,6 @@
 """The DKA bundles train and write predictions as the README runs them; the low-data script sweeps."""
 
+import argparse
 import csv
 import json
 from pathlib import Path
@@ -9,9 +10,9 @@ import torch
 from monai.bundle import ConfigParser
 
 from medpeft_monai.data import sample_dataset
-from medpeft_monai.peft import DualKernelConv, load_peft_state_dict
+from medpeft_monai.peft import DualKernelConv, load_peft_state_dict, param_groups
 from scripts.low_data import main as low_data_main
-from scripts.low_data import subsample
+from scripts.low_data import parse_lrs, subsample
 from tests.conftest import ROOT, copy_bundle, run_bundle
 
 SMALL = {"global_pool": "avg", "depth": 3}  # a 3-block backbone keeps the subprocess runs short
@@ -56,6 +57,48 @@ def test_dka_bundle_trains_and_infers_with_the_merged_fast_path(name, dataset, t
         assert torch.allclose(merged(x), reference(x), atol=1e-5)
 
 
+def _sci(value: float) -> str:
+    """How the docs write a learning rate: 0.001 -> '1e-3', 0.0003 -> '3e-4'."""
+    mantissa, exponent = f"{value:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+@pytest.mark.parametrize("name", ["dka_classification", "dka_segmentation"])
+def test_dka_bundle_defaults_to_asynchronous_learning_rates_stated_everywhere(name):
+    """The train config's adapter and head learning rates differ, the optimizer it builds has exactly those
+    two groups, and metadata, MLflow parameters and README state the same values (no training)."""
+    root = ROOT / "bundles" / name
+    parser = ConfigParser()
+    parser.read_config(str(root / "configs" / "train.json"))
+    parser["device"] = "$torch.device('cpu')"
+    parser["backbone_kwargs"] = {**parser["backbone_kwargs"], "depth": 2}  # cheap network, same groups
+    adapter_lr, head_lr = parser.get_parsed_content("adapter_lr"), parser.get_parsed_content("head_lr")
+    assert adapter_lr != head_lr, "the DKA bundles train adapter and head with asynchronous learning rates"
+    assert float(_sci(adapter_lr)) == adapter_lr and float(_sci(head_lr)) == head_lr
+
+    optimizer = parser.get_parsed_content("optimizer")
+    network = parser.get_parsed_content("network")
+    groups = optimizer.param_groups
+    assert [g["name"] for g in groups] == ["adapter", "head"]
+    assert [g["lr"] for g in groups] == [adapter_lr, head_lr]
+    expected = param_groups(network, adapter_lr, head_lr)
+    assert [[id(p) for p in g["params"]] for g in groups] == [[id(p) for p in g["params"]] for g in expected]
+    names = {id(p): n for n, p in network.named_parameters()}
+    assert groups[0]["params"] and all(".adapter." in names[id(p)] for p in groups[0]["params"])
+    assert groups[1]["params"] and not any(".adapter." in names[id(p)] for p in groups[1]["params"])
+
+    tracking = parser.get_parsed_content("tracking_params")
+    assert (tracking["adapter_lr"], tracking["head_lr"]) == (adapter_lr, head_lr)
+
+    meta = json.loads((root / "configs" / "metadata.json").read_text())
+    assert meta["optimizer"] == {"name": "AdamW", "adapter_lr": adapter_lr, "head_lr": head_lr,
+                                 "weight_decay": groups[0]["weight_decay"]}
+    assert f"adapter lr {_sci(adapter_lr)}, head lr {_sci(head_lr)}" in meta["description"]
+    readme = (root / "docs" / "README.md").read_text()
+    assert f"| learning rates | adapter `{_sci(adapter_lr)}`, head `{_sci(head_lr)}`" in readme
+    assert "--adapter_lr 0.001 --head_lr 0.0001" in readme, "the paper's 1e-3 / 1e-4 stays documented as override"
+
+
 def test_subsample_is_stratified_and_seeded():
     items = [{"image": f"{i}.png", "label": i % 2} for i in range(20)]
     sub = subsample(items, 0.1, seed=0)
@@ -63,6 +106,13 @@ def test_subsample_is_stratified_and_seeded():
     assert sub == subsample(items, 0.1, seed=0) and subsample(items, 0.5, seed=1) != subsample(items, 0.5, seed=2)
     with pytest.raises(ValueError, match="fractions must be in"):
         subsample(items, 0.0, seed=0)
+
+
+def test_lr_pairs_parse_and_refuse_malformed():
+    assert parse_lrs("0.001:0.0001") == (1e-3, 1e-4) and parse_lrs("3e-3:3e-3") == (3e-3, 3e-3)
+    for bad in ("0.001", "a:b", "0.001:-1", "1:2:3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="ADAPTER:HEAD|positive"):
+            parse_lrs(bad)
 
 
 def test_low_data_sweep_writes_csv_plot_and_table(tmp_path, capsys):
