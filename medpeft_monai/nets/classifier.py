@@ -22,11 +22,13 @@ class PeftClassifier(nn.Module):
         num_classes: number of output classes.
         peft: method name or config dict, e.g. ``{"method": "lora", "rank": 8}``; default linear probing.
             It is the model's adapter ``"default"``, which also owns the head (trained and saved with it).
-        weights: ``None``, ``"hub"`` or a local weights file for the backbone.
+        weights: ``None``, ``"hub"``, ``"litemedsam"`` or a local weights file for the backbone.
         image_size: input side or ``(H, W)``.
         in_chans: input channels.
         dropout: dropout before the head.
         model_kwargs: extra ``timm.create_model`` arguments (e.g. ``{"depth": 2}`` for tiny tests).
+        input_norm: the backbone's input normalisation (default: the weights' own mean/std; inputs in
+            ``[0, 1]``), see :class:`~medpeft_monai.backbones.FrozenBackbone`.
 
     Input ``(B, in_chans, H, W)``; output ``(B, num_classes)``.
     """
@@ -41,12 +43,13 @@ class PeftClassifier(nn.Module):
         in_chans: int = 3,
         dropout: float = 0.0,
         model_kwargs: dict | None = None,
+        input_norm: str | Sequence | None = "auto",
     ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
         self.backbone = FrozenBackbone(backbone, weights=weights, image_size=image_size, in_chans=in_chans,
-                                       model_kwargs=model_kwargs)
+                                       model_kwargs=model_kwargs, input_norm=input_norm)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.backbone.num_features, num_classes))
         self.peft_config = apply_peft(self, peft, modules=("head",))
 

@@ -100,7 +100,7 @@ class DCRMClassifier(_DCRMNet, PeftClassifier):
         num_domains: ``K`` domains of the router (default: the spec's value, else 2).
         peft: DCRM options (see :class:`~medpeft_monai.peft.dcrm.DCRMConfig`), e.g.
             ``{"rank": 8, "bank_size": 4, "use_dab": false}``.
-        weights, image_size, in_chans, dropout, model_kwargs: as in :class:`PeftClassifier`.
+        weights, image_size, in_chans, dropout, model_kwargs, input_norm: as in :class:`PeftClassifier`.
 
     Input ``(B, in_chans, H, W)``; output ``(B, num_classes)``, or a :class:`DCRMOutput` with
     ``return_outputs=True``.
@@ -109,9 +109,10 @@ class DCRMClassifier(_DCRMNet, PeftClassifier):
     def __init__(self, backbone: str, num_classes: int, num_domains: int | None = None,
                  peft: dict | DCRMConfig | None = None, weights: str | os.PathLike | None = None,
                  image_size: int | Sequence[int] | None = None, in_chans: int = 3, dropout: float = 0.0,
-                 model_kwargs: dict | None = None) -> None:
+                 model_kwargs: dict | None = None, input_norm: str | Sequence | None = "auto") -> None:
         super().__init__(backbone, num_classes, peft=dcrm_config(peft, num_domains), weights=weights,
-                         image_size=image_size, in_chans=in_chans, dropout=dropout, model_kwargs=model_kwargs)
+                         image_size=image_size, in_chans=in_chans, dropout=dropout, model_kwargs=model_kwargs,
+                         input_norm=input_norm)
 
     def forward(self, x: torch.Tensor, return_outputs: bool = False) -> torch.Tensor | DCRMOutput:
         logits, out = self.encode(x)
@@ -125,8 +126,8 @@ class DCRMSegmenter(_DCRMNet, PeftSegmenter):
         backbone, num_classes: as in :class:`PeftSegmenter`.
         num_domains: ``K`` domains of the router.
         peft: DCRM options.
-        weights, image_size, in_chans, levels, decoder_channels, spatial_dims, model_kwargs: as in
-            :class:`PeftSegmenter`.
+        weights, image_size, in_chans, levels, decoder_channels, spatial_dims, model_kwargs, input_norm: as
+            in :class:`PeftSegmenter`.
 
     Input ``(B, in_chans, H, W[, D])``; output ``(B, num_classes, H, W[, D])``, or a :class:`DCRMOutput`
     with ``return_outputs=True`` (for volumes the router outputs are per slice, ``(B * D, K)``).
@@ -136,10 +137,11 @@ class DCRMSegmenter(_DCRMNet, PeftSegmenter):
                  peft: dict | DCRMConfig | None = None, weights: str | os.PathLike | None = None,
                  image_size: int | Sequence[int] | None = None, in_chans: int = 3,
                  levels: Sequence[int] | None = None, decoder_channels: int = 64, spatial_dims: int = 2,
-                 model_kwargs: dict | None = None) -> None:
+                 model_kwargs: dict | None = None, input_norm: str | Sequence | None = "auto") -> None:
         super().__init__(backbone, num_classes, peft=dcrm_config(peft, num_domains), weights=weights,
                          image_size=image_size, in_chans=in_chans, levels=levels,
-                         decoder_channels=decoder_channels, spatial_dims=spatial_dims, model_kwargs=model_kwargs)
+                         decoder_channels=decoder_channels, spatial_dims=spatial_dims, model_kwargs=model_kwargs,
+                         input_norm=input_norm)
 
     def forward(self, x: torch.Tensor, return_outputs: bool = False) -> torch.Tensor | DCRMOutput:
         logits, out = self.encode_2d(self._slices(x))

@@ -38,13 +38,15 @@ class PeftSegmenter(nn.Module):
         num_classes: output channels (include background).
         peft: method name or config dict; default linear probing (frozen encoder, decoder trains). It is
             the model's adapter ``"default"``, which also owns the decoder (trained and saved with it).
-        weights: ``None``, ``"hub"`` or a local weights file.
+        weights: ``None``, ``"hub"``, ``"litemedsam"`` or a local weights file.
         image_size: backbone input side or ``(H, W)``; the network requires this input size.
         in_chans: input channels.
         levels: block indices whose outputs feed the decoder (default: 4 evenly spaced).
         decoder_channels: ``D``.
         spatial_dims: 2 for images, 3 for volumes segmented slice-wise.
         model_kwargs: extra ``timm.create_model`` arguments.
+        input_norm: the backbone's input normalisation (default: the weights' own mean/std; inputs in
+            ``[0, 1]``), see :class:`~medpeft_monai.backbones.FrozenBackbone`.
 
     Input ``(B, in_chans, H, W[, D])``; output ``(B, num_classes, H, W[, D])`` logits.
     """
@@ -61,6 +63,7 @@ class PeftSegmenter(nn.Module):
         decoder_channels: int = 64,
         spatial_dims: int = 2,
         model_kwargs: dict | None = None,
+        input_norm: str | Sequence | None = "auto",
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -69,7 +72,7 @@ class PeftSegmenter(nn.Module):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
         self.spatial_dims = spatial_dims
         self.backbone = FrozenBackbone(backbone, weights=weights, image_size=image_size, in_chans=in_chans,
-                                       model_kwargs=model_kwargs)
+                                       model_kwargs=model_kwargs, input_norm=input_norm)
         n = len(self.backbone.blocks)
         self.levels = sorted({int(i) % n for i in (levels if levels is not None else default_levels(n))})
         widths, stride = self._level_layout()

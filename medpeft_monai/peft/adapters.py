@@ -136,9 +136,8 @@ def _blocks(backbone: FrozenBackbone, blocks: list[int] | None, formats: tuple[s
             raise PeftError(f"{method} needs tokens in {formats} layout; {backbone.name} block {i} has "
                             f"{info.token_format!r} tokens. Use a backbone whose blocks take those tokens.")
         block = unwrap(backbone.block_module(i))
-        for attr in ("mlp", "norm2"):
-            if not hasattr(block, attr):
-                raise PeftError(f"{method}: block {info.name} of {backbone.name} has no `{attr}`.")
+        if not hasattr(block, "mlp"):
+            raise PeftError(f"{method}: block {info.name} of {backbone.name} has no `mlp`.")
         yield info, block
 
 
@@ -168,7 +167,8 @@ class AdaptFormerConfig(PeftConfig):
     """AdaptFormer: a scaled bottleneck parallel to the MLP, reading the un-normalised stream.
 
     The block's ``norm2`` moves inside the wrapper so the MLP still sees ``LN(x)`` while the adapter
-    sees ``x``: ``x <- x + MLP(LN(x)) + s * a(x)``.
+    sees ``x``: ``x <- x + MLP(LN(x)) + s * a(x)``. Where the MLP holds its own norm (TinyViT's
+    ``NormMlp``) it already reads ``x``, and so does the adapter.
 
     Args:
         hidden: bottleneck width ``m``.
@@ -183,9 +183,12 @@ class AdaptFormerConfig(PeftConfig):
     def inject(self, backbone: FrozenBackbone) -> None:
         for _, block in _blocks(backbone, self.blocks, ("nlc", "nhwc", "unrolled"), self.method):
             width = _mlp_width(block)
+            own_norm = hasattr(block, "norm2")
             block.mlp = ParallelAdapter(block.mlp, Bottleneck(width, self.hidden, dropout=self.dropout),
-                                        self.scale, norm=block.norm2, norm_attr="norm2")
-            block.norm2 = nn.Identity()
+                                        self.scale, norm=block.norm2 if own_norm else None,
+                                        norm_attr="norm2" if own_norm else None)
+            if own_norm:
+                block.norm2 = nn.Identity()
 
 
 @register_method

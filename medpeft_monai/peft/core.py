@@ -473,19 +473,21 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def _identity(owner: nn.Module) -> dict[str, Any]:
-    """Backbone name, image size, channels, weights source and weights fingerprint of the adapted model."""
+    """Backbone name, image size, channels, weights source, weights fingerprint and input normalisation
+    (``[mean, std]`` or ``None``) of the adapted model."""
     backbone = _maybe_backbone(owner)
     if backbone is None:
         return dict(owner.peft_registry.identity or {})
+    norm = None if backbone.input_norm is None else [list(backbone.input_norm[0]), list(backbone.input_norm[1])]
     return {"backbone": backbone.name, "image_size": list(backbone.image_size), "in_chans": backbone.in_chans,
-            "weights": backbone.weights_source, "fingerprint": backbone.fingerprint}
+            "weights": backbone.weights_source, "fingerprint": backbone.fingerprint, "input_norm": norm}
 
 
 def peft_state_dict(model: nn.Module, name: str = "default") -> dict[str, Any]:
     """The artefact of adapter ``name``: its tensors (trainable or frozen) and what they were made for.
 
     Returns ``{"format", "name", "method", "trainable", "modules", "backbone", "image_size", "in_chans",
-    "weights", "fingerprint", "state_dict", "num_parameters", "total"}``; ``state_dict`` keys are canonical
+    "weights", "fingerprint", "input_norm", "state_dict", "num_parameters", "total"}``; ``state_dict`` keys are canonical
     names, ``modules`` the whole modules (head, decoder) the adapter owns.
     """
     owner, entry = _entry(model, name)
@@ -528,6 +530,10 @@ def _check_identity(payload: dict[str, Any], mine: dict[str, Any], source: str) 
             f"{payload.get('weights', '?')!r} (fingerprint {payload['fingerprint']}), but this model has weights "
             f"{mine.get('weights', '?')!r} (fingerprint {mine.get('fingerprint')}). Build the network with "
             f"weights={payload.get('weights', '?')!r} (the same file or source the adapter was trained on).")
+    if "input_norm" in payload and "input_norm" in mine and payload["input_norm"] != mine["input_norm"]:
+        raise PeftError(f"{source} was trained on inputs normalised with (mean, std) {payload['input_norm']}, but "
+                        f"this model normalises with {mine['input_norm']}. Build the network with "
+                        f"input_norm={payload['input_norm']} (or the weights' default, input_norm='auto').")
     if payload.get("image_size") and mine.get("image_size") and list(payload["image_size"]) != mine["image_size"]:
         logger.warning(f"{source} was trained at image_size {payload['image_size']}; this model uses "
                        f"{mine['image_size']}.")

@@ -2,10 +2,11 @@
 
 For a frozen ``W`` the adapted layer computes ``y = W x + (alpha / r) * B A x`` with ``A`` (r x d_in,
 Kaiming-uniform) and ``B`` (d_out x r, zeros), so the output is unchanged at initialisation. On a
-fused ``qkv`` projection (``d_out = 3 d``, rows ordered Q, K, V as in timm's ViT, Swin and Hiera)
-only the chosen parts get a low-rank pair, sliced by ``d = d_out / 3`` (at Hiera's q-pool blocks
-``d_in != d``); the K rows of ``W`` and the K output are never touched: the low-rank updates are added
-in place to the Q and V slices of the frozen layer's own output.
+fused ``qkv`` projection only the chosen parts get a low-rank pair: rows ordered Q, K, V (``d = d_out / 3``
+each) in timm's ViT, Swin and Hiera (at Hiera's q-pool blocks ``d_in != d``), and per head
+``[q_h, k_h, v_h]`` in TinyViT (read from its attention's ``num_heads``, ``key_dim``, ``val_dim``). The K
+rows of ``W`` and the K output are never touched: the low-rank updates are added in place to the Q and V
+columns of the frozen layer's own output.
 
 Merged form (:func:`~medpeft_monai.peft.merge_peft`): one linear layer with ``W + (alpha / r) B A``,
 computed from the unchanged parameters and cached until one of them changes, so a checkpoint loaded
@@ -52,13 +53,15 @@ class LoRALinear(PeftModule):
         parts: for a fused qkv layer, which of ``"q"``, ``"k"``, ``"v"`` to adapt (e.g. ``"qv"``);
             ``None`` adapts the whole output.
         dropout: dropout on the input of the low-rank path.
+        heads: ``(num_heads, key_dim, val_dim)`` for a qkv layer whose output is laid out per head as
+            ``[q_h, k_h, v_h]`` (TinyViT); ``None``: the Q, K, V thirds are contiguous.
     """
 
     mergeable = True
     wraps = ("base",)
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, parts: str | None = None,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, heads: tuple[int, int, int] | None = None) -> None:
         super().__init__()
         if rank < 1:
             raise PeftError(f"LoRA rank must be >= 1, got {rank}.")
@@ -68,24 +71,37 @@ class LoRALinear(PeftModule):
         self.base = base
         self.rank, self.scale = int(rank), float(alpha) / float(rank)
         d_in, d_out = linear.in_features, linear.out_features
-        if parts is None:
-            self.slices = {"all": (0, d_out)}
-        else:
-            if d_out % 3 or not set(parts) <= set(QKV_PARTS) or not parts:
-                raise PeftError(f"parts={parts!r} needs a fused qkv layer (out_features divisible by 3) and letters "
-                                f"from 'qkv'; this layer has out_features={d_out}.")
-            d = d_out // 3
-            self.slices = {p: (QKV_PARTS.index(p) * d, (QKV_PARTS.index(p) + 1) * d) for p in parts}
+        #: output columns of each adapted part: key -> ((lo, hi), ...), rows of lora_B in that order
+        self.slices = self._columns(parts, d_out, heads)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
-        for key, (lo, hi) in self.slices.items():
+        for key, ranges in self.slices.items():
             a = torch.empty(self.rank, d_in)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             self.lora_A[key] = nn.Parameter(a)
-            self.lora_B[key] = nn.Parameter(torch.zeros(hi - lo, self.rank))
+            self.lora_B[key] = nn.Parameter(torch.zeros(sum(hi - lo for lo, hi in ranges), self.rank))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self._merged_weight = ParameterCache()
+
+    @staticmethod
+    def _columns(parts: str | None, d_out: int, heads: tuple[int, int, int] | None) -> dict:
+        if parts is None:
+            return {"all": ((0, d_out),)}
+        if not parts or not set(parts) <= set(QKV_PARTS):
+            raise PeftError(f"parts={parts!r} must be letters from 'qkv'.")
+        if heads is not None:
+            n, kd, vd = (int(v) for v in heads)
+            if n * (2 * kd + vd) != d_out:
+                raise PeftError(f"heads={heads} do not fit a qkv layer with out_features={d_out}.")
+            offset, size = {"q": 0, "k": kd, "v": 2 * kd}, {"q": kd, "k": kd, "v": vd}
+            step = 2 * kd + vd
+            return {p: tuple((h * step + offset[p], h * step + offset[p] + size[p]) for h in range(n)) for p in parts}
+        if d_out % 3:
+            raise PeftError(f"parts={parts!r} needs a fused qkv layer (out_features divisible by 3); this layer "
+                            f"has out_features={d_out}.")
+        d = d_out // 3
+        return {p: ((QKV_PARTS.index(p) * d, (QKV_PARTS.index(p) + 1) * d),) for p in parts}
 
     def delta_weight(self, key: str) -> torch.Tensor:
         """``(alpha / r) B A`` for one slice."""
@@ -94,9 +110,15 @@ class LoRALinear(PeftModule):
     def effective_weight(self) -> torch.Tensor:
         """``W`` plus every low-rank update of this and any inner LoRA layer (differentiable)."""
         w = self.base.effective_weight() if isinstance(self.base, LoRALinear) else unwrap(self.base).weight
+        segments = []  # (lo, hi, rows of the update) over the output dimension, in column order
+        for key, ranges in self.slices.items():
+            delta, off = self.delta_weight(key).to(w.dtype), 0
+            for lo, hi in ranges:
+                segments.append((lo, hi, delta[off:off + hi - lo]))
+                off += hi - lo
         pieces, start = [], 0
-        for key, (lo, hi) in self.slices.items():
-            pieces += [w[start:lo], w[lo:hi] + self.delta_weight(key).to(w.dtype)]
+        for lo, hi, rows in sorted(segments, key=lambda seg: seg[0]):
+            pieces += [w[start:lo], w[lo:hi] + rows]
             start = hi
         return torch.cat(pieces + [w[start:]])
 
@@ -117,9 +139,16 @@ class LoRALinear(PeftModule):
         # y[:, lo:hi] += (alpha / r) (h A^T) B^T as one fused addmm per slice, in place on the fresh output
         # (a linear layer does not keep its output for backward); the dtype casts are no-ops outside autocast
         rows, h_rows = y.view(-1, y.shape[-1]), h.reshape(-1, h.shape[-1])
-        for key, (lo, hi) in self.slices.items():
+        for key, ranges in self.slices.items():
             low = (h_rows @ self.lora_A[key].t()).to(y.dtype)
-            rows[:, lo:hi].addmm_(low, self.lora_B[key].t().to(y.dtype), alpha=self.scale)
+            if len(ranges) == 1:
+                lo, hi = ranges[0]
+                rows[:, lo:hi].addmm_(low, self.lora_B[key].t().to(y.dtype), alpha=self.scale)
+                continue
+            delta, off = self.scale * (low @ self.lora_B[key].t().to(y.dtype)), 0  # per-head columns
+            for lo, hi in ranges:
+                rows[:, lo:hi] += delta[:, off:off + hi - lo]
+                off += hi - lo
         return y
 
     def merge(self) -> None:
@@ -160,7 +189,11 @@ class LoRAConfig(PeftConfig):
                 raise PeftError(f"LoRA target {name} is a {type(unwrap(layer)).__name__}, not nn.Linear; "
                                 "narrow `target` to linear layers.")
             parts = self.qkv_parts if name.endswith("qkv") else None
-            replace_module(root, name, LoRALinear(layer, self.rank, self.alpha, parts, self.dropout))
+            attn = root.get_submodule(name.rpartition(".")[0]) if "." in name else root
+            heads = None
+            if parts is not None and all(hasattr(attn, a) for a in ("num_heads", "key_dim", "val_dim")):
+                heads = (attn.num_heads, attn.key_dim, attn.val_dim)  # TinyViT: q, k, v interleaved per head
+            replace_module(root, name, LoRALinear(layer, self.rank, self.alpha, parts, self.dropout, heads))
 
     def inject(self, backbone: FrozenBackbone) -> None:
         self._wrap(backbone.model, find_targets(backbone, self.target, self.blocks))
