@@ -487,8 +487,8 @@ def peft_state_dict(model: nn.Module, name: str = "default") -> dict[str, Any]:
     """The artefact of adapter ``name``: its tensors (trainable or frozen) and what they were made for.
 
     Returns ``{"format", "name", "method", "trainable", "modules", "backbone", "image_size", "in_chans",
-    "weights", "fingerprint", "input_norm", "state_dict", "num_parameters", "total"}``; ``state_dict`` keys are canonical
-    names, ``modules`` the whole modules (head, decoder) the adapter owns.
+    "weights", "fingerprint", "input_norm", "state_dict", "num_parameters", "total"}``; ``state_dict`` keys
+    are canonical names, ``modules`` the whole modules (head, decoder) the adapter owns.
     """
     owner, entry = _entry(model, name)
     params = adapter_parameters(owner, name)
