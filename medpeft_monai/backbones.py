@@ -246,6 +246,20 @@ class FrozenBackbone(nn.Module):
         if freeze:
             self.requires_grad_(False)
 
+    def train(self, mode: bool = True) -> FrozenBackbone:
+        """Train/eval mode, except that batch-norm layers whose parameters are frozen stay in eval mode.
+
+        Their running statistics are part of the frozen weights (TinyViT's convolutions carry batch
+        norm): in train mode every forward would replace them by the current batch's statistics and so
+        change the "frozen" encoder. Layers that a method unfreezes (e.g. ``full``) train normally.
+        """
+        super().train(mode)
+        if mode:
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+                    m.eval()
+        return self
+
     @staticmethod
     def _create_named(source: str, kwargs: dict) -> nn.Module:
         """Build the timm model of a named offline weight source with those weights loaded."""

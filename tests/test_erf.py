@@ -33,12 +33,15 @@ def make(peft) -> FrozenBackbone:
 
 
 def trained_like(b: torch.nn.Module, up_std: float = 0.3, conv_std: float = 0.1) -> None:
-    """Non-zero up-projections and large kernels, as after training."""
+    """Non-zero up-projections and large kernels, and open gates (DKA's zero-initialised ``gamma``), as after
+    training."""
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, p in b.named_parameters():
             if p.requires_grad and n.endswith(("up.weight", "large.weight")):
                 p.copy_(torch.randn(p.shape, generator=gen) * (up_std if "up" in n else conv_std))
+            elif p.requires_grad and n.endswith(".gate"):
+                p.fill_(1.0)
 
 
 @pytest.fixture(scope="module")

@@ -180,3 +180,50 @@ def test_bundle_with_pretrained_weights_feeds_normalised_inputs(vit_file):
     mean, std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
     assert not torch.allclose(mean, torch.zeros(3).view(1, 3, 1, 1))
     torch.testing.assert_close(_seen_by_patch_embed(network.backbone, x), (x - mean) / std)
+
+
+def test_training_forward_leaves_frozen_batch_norm_statistics_alone():
+    """TinyViT's convolutions carry batch norm: in train mode the frozen ones must not take the batch's
+    statistics (that would change the frozen encoder); a method that unfreezes them (full) trains them."""
+    net = PeftClassifier(NAME, 2, peft={"method": "lora", "rank": 2}, image_size=SIZE).train()
+    before = {n: b.clone() for n, b in net.backbone.named_buffers() if "running" in n}
+    assert before
+    net(images())
+    assert all(torch.equal(b, before[n]) for n, b in net.backbone.named_buffers() if "running" in n)
+    full = PeftClassifier(NAME, 2, peft="full", image_size=SIZE).train()
+    full(images())
+    assert any(not torch.equal(b, before[n]) for n, b in full.backbone.named_buffers() if "running" in n)
+
+
+def _feature_change_after_one_step(peft: dict) -> float:
+    """Relative change of the last features of a pretrained (LiteMedSAM) encoder after one AdamW step at the
+    paper's learning rates (adapter 1e-3, decoder 1e-4) on a tiny segmentation batch."""
+    from monai.losses import DiceCELoss
+
+    from medpeft_monai.nets import PeftSegmenter
+    from medpeft_monai.peft import param_groups
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(2, 1, 32, 32, generator=gen), (torch.rand(2, 1, 32, 32, generator=gen) > 0.7).long()
+    torch.manual_seed(0)
+    net = PeftSegmenter(NAME, 2, peft=peft, weights="litemedsam", image_size=32, in_chans=1)
+    opt = torch.optim.AdamW(param_groups(net, 1e-3, 1e-4))
+
+    def last_features():
+        with torch.no_grad():
+            return net.eval().backbone.encode(x, levels=[-1]).levels[0]
+
+    before = last_features()
+    net.train()
+    DiceCELoss(to_onehot_y=True, softmax=True)(net(x), y).backward()
+    opt.step()
+    return ((last_features() - before).norm() / before.norm()).item()
+
+
+def test_dka_first_step_on_a_pretrained_encoder_is_bounded():
+    """At the paper's width (m = 192) and learning rates, a zero-initialised up-projection lets all ten
+    adapters jump at once (Adam moves every entry by ~lr); the zero-initialised gate keeps the step small."""
+    gated = _feature_change_after_one_step({"method": "dka", "hidden": 192})
+    plain = _feature_change_after_one_step({"method": "dka", "hidden": 192, "gate": False})
+    assert gated < 0.05, f"one step moved the features by {gated:.1%}"
+    assert plain > 0.3, f"the ungated form moved them by only {plain:.1%}: the test no longer shows the failure"

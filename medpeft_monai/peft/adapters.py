@@ -55,31 +55,45 @@ class TokenGridConv(nn.Module):
 
 
 class Bottleneck(PeftModule):
-    """``a(h) = Up(act(Mid(act(Down(h)))))``, ``Up`` zero-initialised.
+    """``a(h) = Up(act(Mid(act(Down(h)))))`` with ``Up`` zero-initialised, or, with ``gate=True``,
+    ``a(h) = gamma * Up(...)`` with ``Up`` at PyTorch's default initialisation and a per-channel gate
+    ``gamma`` (width ``C``) initialised to zero.
+
+    Both start as the identity. They differ in the first optimiser steps: under Adam every entry of a
+    zero-initialised ``Up`` moves by about the learning rate at once, so the output jumps by about
+    ``lr * m * E|h|`` per channel in every adapted block (large for wide bottlenecks such as DKA's
+    m = 192), whereas the gate grows by at most ``lr`` per step and scales a bounded ``Up(...)``.
 
     Args:
         width: token width ``C``.
         hidden: bottleneck width ``m``.
         mid: optional module on the ``m``-wide tokens (e.g. :class:`TokenGridConv`).
         act: activation module class.
+        dropout: dropout before ``Up``.
+        gate: use the zero-initialised gate ``gamma`` instead of a zero-initialised ``Up``.
     """
 
     def __init__(self, width: int, hidden: int, mid: nn.Module | None = None, act: type[nn.Module] = nn.GELU,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, gate: bool = False) -> None:
         super().__init__()
         self.down = nn.Linear(width, hidden)
         self.act = act()
         self.mid = mid
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.up = nn.Linear(hidden, width)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+        if gate:
+            self.gate = nn.Parameter(torch.zeros(width))
+        else:
+            self.gate = None
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         z = self.act(self.down(h))
         if self.mid is not None:
             z = self.act(self.mid(z))
-        return self.up(self.dropout(z))
+        out = self.up(self.dropout(z))
+        return out if self.gate is None else out * self.gate
 
 
 class SequentialAdapter(PeftModule):

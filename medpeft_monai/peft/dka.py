@@ -295,13 +295,13 @@ class DKAAdapter(_MergeChildren, Bottleneck):
 
     def __init__(self, width: int, hidden: int, grid: tuple[int, int], num_prefix_tokens: int = 0,
                  large_kernel: int = 51, small_kernel: int = 5, dropout: float = 0.0,
-                 perm: torch.Tensor | None = None) -> None:
+                 perm: torch.Tensor | None = None, gate: bool = True) -> None:
         conv = DualKernelConv(hidden, large_kernel, small_kernel, grid=grid)
         if perm is None:
             mid: nn.Module = TokenGridConv(conv, grid, num_prefix_tokens)
         else:
             mid = UnrolledTokenConv(conv, perm, grid)
-        super().__init__(width, hidden, mid=mid, act=nn.GELU, dropout=dropout)
+        super().__init__(width, hidden, mid=mid, act=nn.GELU, dropout=dropout, gate=gate)
 
     @property
     def dual_conv(self) -> DualKernelConv:
@@ -376,6 +376,12 @@ class DKAConfig(PeftConfig):
             ``"mlp"`` (parallel to the MLP), ``"attn"`` (parallel to attention, ViT only) or ``"both"``.
         scale: ``s``, multiplies the adapter output.
         dropout: dropout before the up-projection (the released code uses 0.1).
+        gate: ``a = gamma * Up(...)`` with ``Up`` at PyTorch's default initialisation (as in the released
+            code) and a zero-initialised per-channel gate ``gamma`` (default), instead of a zero-initialised
+            ``Up``. Both start as the identity, but at the paper's m = 192 and lr 1e-3 a zero-initialised
+            ``Up`` moved a pretrained LiteMedSAM encoder's last features by 78 % of their norm in one Adam step
+            (all ten adapters jump at once); with the gate the step is bounded (see ``tests/test_tinyvit.py``
+            and ``BENCHMARKS.md``). ``gate=False`` is the plain zero-initialised form.
         blocks: block indices to adapt (``None``: all).
 
     Train with :func:`medpeft_monai.peft.param_groups` (adapter lr 1e-3, head lr 1e-4 in the paper).
@@ -388,6 +394,7 @@ class DKAConfig(PeftConfig):
     position: str = "block"
     scale: float = 1.0
     dropout: float = 0.1
+    gate: bool = True
 
     def __post_init__(self) -> None:
         if self.position not in POSITIONS:
@@ -402,7 +409,8 @@ class DKAConfig(PeftConfig):
             raise PeftError(f"DKA dropout must be in [0, 1), got {self.dropout}.")
 
     def _adapter(self, width: int, grid: tuple[int, int], prefix: int, perm: torch.Tensor | None = None) -> DKAAdapter:
-        return DKAAdapter(width, self.hidden, grid, prefix, self.large_kernel, self.small_kernel, self.dropout, perm)
+        return DKAAdapter(width, self.hidden, grid, prefix, self.large_kernel, self.small_kernel, self.dropout, perm,
+                          gate=self.gate)
 
     def _output_layout(self, backbone: FrozenBackbone, info: BlockInfo, block: nn.Module):
         """``(grid, prefix, perm)`` of the tokens leaving the block / entering its MLP."""
