@@ -19,6 +19,9 @@ import torch
 
 from medpeft_monai.utils import BundleVariant, bundle_folders, bundle_variants
 
+#: every bundle's random tiny preset (one override away from the pretrained defaults), for fast tests
+TINY_PRESET = {"backbone": "vit_tiny_patch16_224", "backbone_weights": None, "backbone_kwargs": {"depth": 2}}
+TINY_ARGS = ["--backbone", "vit_tiny_patch16_224", "--backbone_weights", "none", "--backbone_kwargs", "{'depth': 2}"]
 TINY_VIT = ("vit_tiny_patch16_224", {"depth": 2})
 TINY_VIT4 = ("vit_tiny_patch16_224", {"depth": 4})
 TINY_REG = ("vit_small_patch14_reg4_dinov2", {"depth": 1})

@@ -14,7 +14,7 @@ from monai.bundle import ConfigParser
 
 from medpeft_monai.distributed import backend, handlers_for_rank, is_rank_zero_only
 from medpeft_monai.utils import BundleVariant
-from tests.conftest import VARIANTS, copy_bundle, free_port
+from tests.conftest import TINY_ARGS, TINY_PRESET, VARIANTS, copy_bundle, free_port
 
 # DDP through its reducer (lora_segmentation) and the bi-level trainer's own gradient averaging (DCRM,
 # episode sampler for classification, DistributedSampler for the segmentation variant)
@@ -100,7 +100,7 @@ def test_torchrun_two_processes_gloo_cpu(tmp_path, variant):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "-m", "monai.bundle", "run", "--config_file", json.dumps(configs), "--bundle_root", str(bundle),
-           "--epochs", "2", "--backbone_kwargs", "{'depth': 2}"]
+           "--epochs", "2", *TINY_ARGS]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # gloo on the CPU even on a GPU machine
     res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900, env=env)
     out = res.stdout[-4000:] + res.stderr[-4000:]
@@ -117,7 +117,8 @@ def test_torchrun_two_processes_gloo_cpu(tmp_path, variant):
     # and training did change the trainable weights
     parser = ConfigParser()
     parser.read_config(str(copy.config("train")))
-    parser["backbone_kwargs"] = {"depth": 2}
+    for key, value in TINY_PRESET.items():
+        parser[key] = value
     fresh = parser.get_parsed_content("network_def", lazy=False)
     trainable = [n for n, p in fresh.named_parameters() if p.requires_grad]
     assert any(not torch.equal(fresh.state_dict()[n], rank0[n]) for n in trainable)

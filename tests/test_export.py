@@ -14,7 +14,7 @@ from monai.bundle import ckpt_export
 from monai.data import load_net_with_metadata
 
 from medpeft_monai.utils import BundleVariant
-from tests.conftest import VARIANTS, copy_bundle, example_input, trained_like_checkpoint
+from tests.conftest import TINY_ARGS, TINY_PRESET, VARIANTS, copy_bundle, example_input, trained_like_checkpoint
 
 TINY_BUNDLE = "lora_segmentation"
 NOT_SUPPORTED = "torchscript export is not supported"
@@ -61,11 +61,11 @@ def test_ckpt_export_reproduces_eager_outputs(variant, tmp_path):
 def test_ckpt_export_command_line(tmp_path):
     """The README command, run as a user would, on a copy of the tiny bundle."""
     bundle = copy_bundle(TINY_BUNDLE, tmp_path)
-    net = trained_like_checkpoint(BundleVariant(bundle), bundle / "models" / "model.pt", backbone_kwargs={"depth": 2})
+    net = trained_like_checkpoint(BundleVariant(bundle), bundle / "models" / "model.pt", **TINY_PRESET)
     cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def",
            "--filepath", "models/model.ts", "--ckpt_file", "models/model.pt",
            "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
-           "--bundle_root", ".", "--use_trace", "True", "--backbone_kwargs", "{'depth': 2}"]
+           "--bundle_root", ".", "--use_trace", "True", *TINY_ARGS]
     res = subprocess.run(cmd, check=False, cwd=bundle, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     check_reproduces(net, bundle / "models" / "model.ts", example_input(bundle, batch=3))

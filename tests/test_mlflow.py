@@ -13,7 +13,7 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
 
-from tests.conftest import VARIANTS, copy_bundle, free_port, run_bundle, running_server
+from tests.conftest import TINY_ARGS, TINY_PRESET, VARIANTS, copy_bundle, free_port, run_bundle, running_server
 
 TINY_BUNDLE = "lora_segmentation"
 REQUIRED_PARAMS = ("method", "backbone", "data_fraction")
@@ -77,7 +77,7 @@ def test_mlflow_server_receives_params_metrics_config_and_adapter(mlflow_server,
     bundle = copy_bundle(TINY_BUNDLE, tmp_path)
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
-    run_bundle(bundle, ["train.json"], "--epochs", "2", "--data_fraction", "0.5", "--backbone_kwargs", "{'depth': 2}",
+    run_bundle(bundle, ["train.json"], "--epochs", "2", "--data_fraction", "0.5", *TINY_ARGS,
                "--tracking", "mlflow", "--tracking_uri", mlflow_server, "--experiment_name", "medpeft_test",
                timeout=900, env=env)
 
@@ -117,7 +117,8 @@ def test_mlflow_server_receives_params_metrics_config_and_adapter(mlflow_server,
     # the tracked adapter is usable on its own: it loads onto a fresh network built from the bundle
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "inference.json"))
-    parser["backbone_kwargs"] = {"depth": 2}
+    for key, value in TINY_PRESET.items():
+        parser[key] = value
     net = parser.get_parsed_content("network_def", lazy=False)
     load_peft_state_dict(net, adapter)
     payload = torch.load(adapter, map_location="cpu", weights_only=True)

@@ -18,6 +18,7 @@ import pytest
 from medpeft_monai.utils import BundleVariant
 from tests.conftest import (
     ROOT,
+    TINY_PRESET,
     VARIANTS,
     copy_bundle,
     free_port,
@@ -120,10 +121,10 @@ def _dice(pred: np.ndarray, ref: np.ndarray, classes) -> float:
 
 
 def tiny_preset(bundle: Path, *configs: str) -> None:
-    """Give ``configs`` of a bundle copy a 2-block ViT."""
+    """Give ``configs`` of a bundle copy the random 2-block ViT preset."""
     for name in configs:
         cfg = json.loads((bundle / "configs" / name).read_text())
-        cfg["backbone_kwargs"] = {"depth": 2}
+        cfg.update(TINY_PRESET)
         (bundle / "configs" / name).write_text(json.dumps(cfg, indent=4))
 
 

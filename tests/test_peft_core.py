@@ -250,7 +250,7 @@ def test_non_default_mergeable_method_in_a_dka_inference_config(tmp_path):
 
     bundle = next(b for b in BUNDLES if b.name == "dka_segmentation")
     variant = BundleVariant(bundle)
-    overrides = {"peft": {"method": "lora", "rank": 4}, "backbone_kwargs": {"depth": 2}}
+    overrides = {"peft": {"method": "lora", "rank": 4}}  # on the config's own (LiteMedSAM TinyViT) encoder
     trained = trained_like_checkpoint(variant, tmp_path / "model.pt", **overrides)
     parser = ConfigParser()
     parser.read_config(str(variant.config("inference")))
