@@ -365,3 +365,16 @@ def test_shallow_prompts_travel_between_blocks_and_dense_levels_keep_the_grid():
         assert tokens.shape[1] == 1 + 3 + 4  # class token, prompts in flight, 2x2 patches
         assert [f.shape for f in b.forward_levels(X, [0, 1, 2, 3])] == [(3, 192, 2, 2)] * 4
         assert seg(X).shape == (3, 2, SIZE, SIZE)
+
+
+def test_saved_artefact_bytes_do_not_depend_on_the_file_name(tmp_path):
+    """Identical adapters give byte-identical files (torch.save would record the temporary file name)."""
+    from medpeft_monai.peft.core import save_atomic
+
+    name, kwargs = TINY_VIT
+    payload = peft_state_dict(PeftClassifier(name, 2, peft={"method": "lora", "rank": 2}, image_size=32,
+                                             model_kwargs=kwargs))
+    save_atomic(payload, tmp_path / "adapter.pt")
+    save_atomic(payload, tmp_path / "run2" / "other_name.pt")
+    assert (tmp_path / "adapter.pt").read_bytes() == (tmp_path / "run2" / "other_name.pt").read_bytes()
+    assert torch.load(tmp_path / "adapter.pt", weights_only=True)["fingerprint"] == payload["fingerprint"]

@@ -29,6 +29,7 @@ In the style of HF peft's config -> tuner -> adapter-only state:
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
 import re
@@ -583,9 +584,14 @@ def load_peft_state_dict(model: nn.Module, payload: dict[str, Any] | str | os.Pa
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` through :func:`medpeft_monai.utils.atomic_path`: never a half-written file."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """``torch.save`` through :func:`medpeft_monai.utils.atomic_path`: never a half-written file.
+
+    Serialised in memory first: ``torch.save`` to a file name records that name inside the archive, so the
+    temporary name would make every file's bytes different; this way equal objects give equal files."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(buf.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------- merge
