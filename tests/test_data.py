@@ -514,3 +514,27 @@ def test_preset_arguments_are_checked():
         classification_transforms("eval", intensity="minmax")
     with pytest.raises(ValueError, match="spatial must be"):
         segmentation_transforms("eval", spatial="crop")
+
+
+def test_training_subset_is_monai_partition_and_refuses_bad_fractions():
+    from monai.bundle import ConfigParser
+    from monai.data import partition_dataset
+
+    from medpeft_monai.data import DatalistError, training_subset
+    from tests.conftest import ROOT
+
+    items = [{"image": f"{i}.png"} for i in range(10)]
+    assert training_subset(items, 1.0) == items
+    assert training_subset(items, 0.3) == partition_dataset(items, ratios=[0.3, 0.7], shuffle=True, seed=0)[0]
+    for bad, match in ((0.0, r"in \(0, 1\]"), (-0.5, r"in \(0, 1\]"), (1.5, r"in \(0, 1\]"),
+                       (0.01, "selects no item")):
+        with pytest.raises(DatalistError, match=match):
+            training_subset(items, bad)
+    with pytest.raises(DatalistError, match="training section of the datalist is empty"):
+        training_subset([], 1.0)
+    parser = ConfigParser()  # every bundle goes through it: a negative fraction is an error, not 56 % of the data
+    parser.read_config(str(ROOT / "bundles" / "lora_segmentation" / "configs" / "train.json"))
+    parser["data_fraction"] = -0.5
+    with pytest.raises(Exception) as err:  # MONAI wraps it in "Failed to evaluate ConfigExpression"
+        parser.get_parsed_content("train_datalist")
+    assert isinstance(err.value.__cause__, DatalistError) and "data_fraction must be in" in str(err.value.__cause__)

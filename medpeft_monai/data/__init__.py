@@ -1,6 +1,6 @@
 """Datalists, offline sample data sets and MONAI transform presets."""
 
-from .datalist import DatalistError, datalist_domains, load_datalist, write_datalist
+from .datalist import DatalistError, datalist_domains, load_datalist, training_subset, write_datalist
 from .sample_data import (
     SAMPLE_DATASETS,
     sample_data_root,
@@ -25,6 +25,7 @@ __all__ = [
     "classification_transforms",
     "datalist_domains",
     "load_datalist",
+    "training_subset",
     "sample_data_root",
     "sample_dataset",
     "segmentation_transforms",

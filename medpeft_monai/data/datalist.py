@@ -18,11 +18,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from monai.data import load_decathlon_datalist
+from monai.data import load_decathlon_datalist, partition_dataset
 
 from medpeft_monai.utils import write_text_atomic
 
-__all__ = ["DatalistError", "datalist_domains", "load_datalist", "write_datalist"]
+__all__ = ["DatalistError", "datalist_domains", "load_datalist", "training_subset", "write_datalist"]
 
 _PATH_KEYS = ("image", "label")
 
@@ -175,3 +175,30 @@ def datalist_domains(datalist: str | os.PathLike) -> list[str]:
         raise ValueError(f"Datalist {datalist} has no top-level 'domains' list; add one (names indexed by the "
                          "entries' domain_id) or set num_domains / domain names in the config.")
     return [str(d) for d in domains]
+
+
+def training_subset(items: Sequence[dict], fraction: float = 1.0, seed: int = 0) -> list[dict]:
+    """The seeded random share ``fraction`` of the training ``items`` (the bundles' ``data_fraction``).
+
+    ``fraction >= 1``: every item, in datalist order; below: MONAI's
+    ``partition_dataset(items, ratios=[fraction, 1 - fraction], shuffle=True, seed=seed)[0]``.
+
+    Raises:
+        DatalistError: an empty training list, ``fraction`` outside ``(0, 1]``, or a fraction so small
+            that no item is selected, each with the fix.
+    """
+    items = list(items)
+    if not items:
+        raise DatalistError("The training section of the datalist is empty. Fix: list at least one "
+                            '{"image": ..., "label": ...} entry under "training".')
+    fraction = float(fraction)
+    if not 0.0 < fraction <= 1.0:
+        raise DatalistError(f"data_fraction must be in (0, 1], got {fraction}. Fix: e.g. --data_fraction 0.25 "
+                            "for a quarter of the training list, 1.0 for all of it.")
+    if fraction >= 1.0:
+        return items
+    subset = partition_dataset(items, ratios=[fraction, 1.0 - fraction], shuffle=True, seed=seed)[0]
+    if not subset:
+        raise DatalistError(f"data_fraction={fraction} selects no item of the {len(items)} training items. Fix: "
+                            f"use at least {1.0 / len(items):.3g}.")
+    return list(subset)
