@@ -1,4 +1,5 @@
-"""Ignite handlers for bundles: the adapter artefact beside the full checkpoint, and per-image predictions."""
+"""Ignite handlers for bundles: the adapter artefact beside the full checkpoint, per-image predictions, and a
+guard that stops training on a non-finite loss before anything is saved."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from medpeft_monai.utils import write_csv_atomic
 
 __all__ = [
     "AdapterSaver",
+    "NonFiniteLossError",
+    "StopOnNonFiniteLoss",
     "AtomicMetricsSaver",
     "DomainOutputs",
     "PredictionWriter",
@@ -29,6 +32,35 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+class StopOnNonFiniteLoss:
+    """Stop training with :class:`NonFiniteLossError` at the first iteration whose loss is NaN or infinite.
+
+    Attached first among the trainer's handlers, it fires before validation and the checkpoint savers of
+    that epoch, so the broken network is never saved over an earlier model, and the run exits with an
+    error (Ignite's ``TerminateOnNan`` ends the run as a success instead).
+    """
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        output = engine.state.output
+        if isinstance(output, (list, tuple)):
+            output = output[0]
+        loss = output.get(Keys.LOSS) if isinstance(output, dict) else output
+        if loss is None or bool(torch.isfinite(torch.as_tensor(loss).detach()).all()):
+            return
+        raise NonFiniteLossError(
+            f"The training loss became {float(torch.as_tensor(loss).detach().float().mean())} at epoch "
+            f"{engine.state.epoch}, iteration {engine.state.iteration}; training stopped and nothing was saved by "
+            "this run (an earlier models/ folder is untouched). Check the training images for NaN or infinite "
+            "values, then lower the learning rate(s) or turn off AMP.")
 
 
 def output_items(output) -> list[dict]:

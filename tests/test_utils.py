@@ -158,3 +158,28 @@ def test_bundle_variants_share_a_suffix(tmp_path):
     (bundle / "configs" / "metadata.json").write_text(
         '{"network_data_format": {"outputs": {"pred": {"format": "segmentation"}}}}')
     assert seg.output_format() == "segmentation"
+
+
+def test_non_finite_loss_stops_training_before_anything_is_saved(tmp_path):
+    """One NaN image: the run ends with an error that names the epoch and what to check, and a checkpoint
+    saver attached after the guard (as in every bundle's train.json) never writes the broken network: here
+    one that saves after every iteration keeps the finite weights of iteration 2."""
+    from monai.engines import SupervisedTrainer
+    from monai.handlers import CheckpointSaver
+
+    from medpeft_monai.handlers import NonFiniteLossError, StopOnNonFiniteLoss
+
+    images = torch.rand(6, 3)
+    images[4, 1] = float("nan")
+    data = [{"image": images[i:i + 2], "label": torch.zeros(2, 1)} for i in range(0, 6, 2)]
+    net = torch.nn.Linear(3, 1)
+    saver = CheckpointSaver(str(tmp_path), {"model": net}, save_interval=1, epoch_level=False, n_saved=1)
+    trainer = SupervisedTrainer(torch.device("cpu"), max_epochs=1, train_data_loader=data, network=net,
+                                optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=torch.nn.MSELoss(),
+                                train_handlers=[StopOnNonFiniteLoss(), saver])
+    with pytest.raises(NonFiniteLossError, match="epoch 1, iteration 3.*NaN or infinite values"):
+        trainer.run()
+    (saved,) = list(tmp_path.iterdir())
+    assert saved.name.endswith("=2.pt")
+    state = torch.load(saved, weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state.values())
