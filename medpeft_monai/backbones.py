@@ -232,6 +232,7 @@ class FrozenBackbone(nn.Module):
             self._load_local(Path(self.weights))
         self.family = _family(self.model)
         self.image_size = size or self._default_image_size()
+        self._check_image_size()
         self.blocks = self._trace_blocks()
         self.fingerprint = self._fingerprint()
         mean, std = self._resolve_norm(input_norm, named, kwargs["in_chans"])
@@ -430,6 +431,17 @@ class FrozenBackbone(nn.Module):
     def grid_size(self) -> tuple[int, int]:
         """Patch-token grid after the patch embedding."""
         return self.blocks[0].grid
+
+    def _check_image_size(self) -> None:
+        """The patch embedding tiles the image exactly: a remainder would never be seen by the encoder."""
+        ph, pw = self.patch_size
+        h, w = self.image_size
+        if h % ph or w % pw:
+            up = (-(-h // ph) * ph, -(-w // pw) * pw)
+            raise BackboneError(
+                f"image_size {(h, w)} is not a multiple of {self.name}'s patch size {(ph, pw)}: the last "
+                f"{h % ph} row(s) / {w % pw} column(s) of pixels would never reach the encoder. Use a multiple, "
+                f"e.g. image_size={list(up)}.")
 
     @property
     def model_in_chans(self) -> int:

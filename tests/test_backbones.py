@@ -86,3 +86,9 @@ def test_weights_for_another_architecture_are_refused(tmp_path):
     with pytest.raises(BackboneError, match="Unsupported weights file"):
         (tmp_path / "w.txt").write_text("x")
         FrozenBackbone("vit_tiny_patch16_224", weights=tmp_path / "w.txt")
+
+
+def test_image_size_must_tile_into_patches():
+    with pytest.raises(BackboneError, match=r"not a multiple of .* patch size \(16, 16\).*image_size=\[64, 64\]"):
+        FrozenBackbone("vit_tiny_patch16_224", image_size=60, model_kwargs={"depth": 1})
+    assert FrozenBackbone("vit_tiny_patch16_224", image_size=(48, 64), model_kwargs={"depth": 1}).grid_size == (3, 4)
