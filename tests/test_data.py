@@ -538,3 +538,19 @@ def test_training_subset_is_monai_partition_and_refuses_bad_fractions():
     with pytest.raises(Exception) as err:  # MONAI wraps it in "Failed to evaluate ConfigExpression"
         parser.get_parsed_content("train_datalist")
     assert isinstance(err.value.__cause__, DatalistError) and "data_fraction must be in" in str(err.value.__cause__)
+
+
+def test_label_on_another_grid_is_refused_naming_both_files(tmp_path):
+    import nibabel as nib
+
+    from medpeft_monai.data.transforms import segmentation_transforms
+
+    nib.save(nib.Nifti1Image(np.random.rand(32, 32).astype(np.float32), np.eye(4)), str(tmp_path / "img.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros((16, 16), np.uint8), np.eye(4)), str(tmp_path / "lab.nii.gz"))
+    item = {"image": str(tmp_path / "img.nii.gz"), "label": str(tmp_path / "lab.nii.gz")}
+    with pytest.raises(Exception) as err:
+        segmentation_transforms("eval", image_size=(32, 32))(item)
+    text = "".join(str(e) for e in (err.value, err.value.__cause__) if e)
+    assert "lab.nii.gz has spatial shape (16, 16)" in text and "img.nii.gz" in text and "ResampleToMatch" in text
+    nib.save(nib.Nifti1Image(np.zeros((32, 32), np.uint8), np.eye(4)), str(tmp_path / "lab.nii.gz"))
+    assert segmentation_transforms("eval", image_size=(16, 16))(item)["label"].shape == (1, 16, 16)

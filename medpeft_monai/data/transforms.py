@@ -27,7 +27,13 @@ from monai.transforms import (
     SqueezeDim,
 )
 
-__all__ = ["DropTrailingSingletond", "MatchChannelsd", "classification_transforms", "segmentation_transforms"]
+__all__ = [
+    "CheckSameGridd",
+    "DropTrailingSingletond",
+    "MatchChannelsd",
+    "classification_transforms",
+    "segmentation_transforms",
+]
 
 _MODES = ("train", "eval", "infer")
 
@@ -71,6 +77,33 @@ class MatchChannelsd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self._match(d[key], key)
         return d
+
+
+class CheckSameGridd(MapTransform):
+    """Refuse an image/label pair whose spatial shapes differ (naming both files).
+
+    The presets resize image and label independently afterwards, so a label drawn on another grid would
+    be stretched onto the image silently; resample it to the image first.
+    """
+
+    def __init__(self, keys: KeysCollection) -> None:
+        super().__init__(keys)
+        if len(self.keys) != 2:
+            raise ValueError(f"CheckSameGridd takes (image_key, label_key), got {self.keys}.")
+
+    def __call__(self, data: Mapping) -> dict:
+        image_key, label_key = self.keys
+        image, label = data[image_key], data[label_key]
+        if tuple(image.shape[1:]) != tuple(label.shape[1:]):
+            def name(x):
+                meta = getattr(x, "meta", {}) or {}
+                return meta.get("filename_or_obj", "?")
+
+            raise ValueError(
+                f"Label {name(label)} has spatial shape {tuple(label.shape[1:])} but its image {name(image)} has "
+                f"{tuple(image.shape[1:])}. Fix: resample the label onto the image grid (e.g. with MONAI's "
+                "ResampleToMatch) or pair the right files in the datalist.")
+        return dict(data)
 
 
 class DropTrailingSingletond(MapTransform):
@@ -139,6 +172,8 @@ def segmentation_transforms(
         LoadImaged(keys=all_keys, ensure_channel_first=True, image_only=True),
         DropTrailingSingletond(keys=all_keys, spatial_rank=len(size)),
     ]
+    if label_key:
+        xforms.append(CheckSameGridd(keys=(image_key, label_key)))
     if num_channels is not None:
         xforms.append(MatchChannelsd(keys=image_key, num_channels=num_channels))
     xforms.append(_intensity(image_key, intensity))
