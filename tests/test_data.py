@@ -554,3 +554,23 @@ def test_label_on_another_grid_is_refused_naming_both_files(tmp_path):
     assert "lab.nii.gz has spatial shape (16, 16)" in text and "img.nii.gz" in text and "ResampleToMatch" in text
     nib.save(nib.Nifti1Image(np.zeros((32, 32), np.uint8), np.eye(4)), str(tmp_path / "lab.nii.gz"))
     assert segmentation_transforms("eval", image_size=(16, 16))(item)["label"].shape == (1, 16, 16)
+
+
+def test_truncated_image_error_names_the_file(tmp_path):
+    import nibabel as nib
+
+    from medpeft_monai.data.transforms import classification_transforms, segmentation_transforms
+
+    good = tmp_path / "good.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.rand(32, 32).astype(np.float32), np.eye(4)), str(good))
+    bad = tmp_path / "truncated.nii.gz"
+    bad.write_bytes(good.read_bytes()[:200])
+    for xform, item in ((segmentation_transforms("eval", image_size=(32, 32)), {"image": str(bad), "label": str(good)}),
+                        (classification_transforms("infer", image_size=(32, 32), num_channels=1), {"image": str(bad)})):
+        with pytest.raises(Exception) as err:
+            xform(item)
+        chain, e = [], err.value
+        while e is not None:
+            chain.append(str(e))
+            e = e.__cause__
+        assert any("truncated.nii.gz" in m and "remove its entry from the datalist" in m for m in chain), chain

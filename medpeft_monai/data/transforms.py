@@ -29,6 +29,7 @@ from monai.transforms import (
 
 __all__ = [
     "CheckSameGridd",
+    "LoadImageNamedd",
     "DropTrailingSingletond",
     "MatchChannelsd",
     "classification_transforms",
@@ -77,6 +78,21 @@ class MatchChannelsd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self._match(d[key], key)
         return d
+
+
+class LoadImageNamedd(LoadImaged):
+    """MONAI's ``LoadImaged`` whose failures name the file and the fix (a truncated NIfTI otherwise ends in a
+    bare ``EOFError``)."""
+
+    def __call__(self, data, reader=None):
+        try:
+            return super().__call__(data, reader)
+        except Exception as err:
+            files = {k: data.get(k) for k in self.keys if isinstance(data, Mapping) and k in data}
+            raise ValueError(
+                f"Could not read {files} ({type(err).__name__}: {err}). Fix: check that the file is complete and "
+                "in a format MONAI reads (NIfTI, PNG, JPEG, DICOM, ...), replace it, or remove its entry from "
+                "the datalist.") from err
 
 
 class CheckSameGridd(MapTransform):
@@ -169,7 +185,7 @@ def segmentation_transforms(
     all_keys = [image_key] + ([label_key] if label_key else [])
     size = tuple(int(s) for s in image_size)
     xforms = [
-        LoadImaged(keys=all_keys, ensure_channel_first=True, image_only=True),
+        LoadImageNamedd(keys=all_keys, ensure_channel_first=True, image_only=True),
         DropTrailingSingletond(keys=all_keys, spatial_rank=len(size)),
     ]
     if label_key:
@@ -220,7 +236,7 @@ def classification_transforms(
     _check_mode(mode)
     size = tuple(int(s) for s in image_size)
     xforms = [
-        LoadImaged(keys=image_key, ensure_channel_first=True, image_only=True),
+        LoadImageNamedd(keys=image_key, ensure_channel_first=True, image_only=True),
         DropTrailingSingletond(keys=image_key, spatial_rank=len(size)),
     ]
     if num_channels is not None:
