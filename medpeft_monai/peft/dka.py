@@ -53,6 +53,7 @@ from torch import nn
 from medpeft_monai.backbones import BlockInfo, FrozenBackbone, unwrap
 from medpeft_monai.peft.adapters import Bottleneck, ParallelAdapter, TokenGridConv
 from medpeft_monai.peft.core import (
+    ParameterCache,
     PeftConfig,
     PeftError,
     PeftModule,
@@ -145,7 +146,7 @@ class DualKernelConv(PeftModule):
         self.grid = None if grid is None else (int(grid[0]), int(grid[1]))
         self.merged = False
         self.path = path
-        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._kernel_cache = ParameterCache()
 
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, large={self.large_size}, small={self.small_size}, merged={self.merged}, "
@@ -198,17 +199,13 @@ class DualKernelConv(PeftModule):
         return weight, bias
 
     def _cached_kernel(self, grid: tuple[int, int], ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        params = [p for p in (self.large.weight, self.large.bias, self.small.weight, self.small.bias) if p is not None]
-        # parameter versions change on every in-place update (optimizer steps, load_state_dict)
-        key = (grid, ref.device, ref.dtype, tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
-        hit = self._cache.get(key)
-        if hit is None:
-            with torch.no_grad():
-                w, b = self.merged_kernel(grid)
-                hit = (w.to(ref.dtype).contiguous(), None if b is None else b.to(ref.dtype))
-            self._cache.clear()
-            self._cache[key] = hit
-        return hit
+        """The merged kernel for ``grid`` in ``ref``'s dtype, rebuilt when a parameter changes (as LoRA's)."""
+
+        def compute():
+            w, b = self.merged_kernel(grid)
+            return w.to(ref.dtype).contiguous(), None if b is None else b.to(ref.dtype)
+
+        return self._kernel_cache.get(list(self.parameters()), compute, grid, ref.device, ref.dtype)
 
     def two_branch(self, z: torch.Tensor) -> torch.Tensor:
         """The reference form: both depthwise convolutions as parameterised ('same' padding), summed."""
@@ -228,14 +225,14 @@ class DualKernelConv(PeftModule):
     def merge(self) -> None:
         """Switch to the single cropped-kernel convolution (idempotent)."""
         self.merged = True
-        self._cache.clear()
+        self._kernel_cache.clear()
         if self.grid is not None:
             self._cached_kernel(self.grid, self.large.weight)
 
     def unmerge(self) -> None:
         """Back to the unmerged forward of :attr:`path` (idempotent; the parameters were never changed)."""
         self.merged = False
-        self._cache.clear()
+        self._kernel_cache.clear()
 
 
 class _MergeChildren:
