@@ -217,7 +217,7 @@ class FrozenBackbone(nn.Module):
         self.repeat_grey = self.weights is not None and self.in_chans == 1
         kwargs = dict(model_kwargs or {})
         kwargs["num_classes"] = 0
-        kwargs["in_chans"] = 3 if self.repeat_grey else self.in_chans
+        kwargs["in_chans"] = self.model_in_chans
         size = None
         if image_size is not None:
             size = (int(image_size),) * 2 if isinstance(image_size, int) else tuple(int(s) for s in image_size)
@@ -292,13 +292,12 @@ class FrozenBackbone(nn.Module):
                                         "input_norm=(mean, std) (or input_norm=None) with these weights.")
                 mean, std = cfg["mean"], cfg["std"]
         else:
-            try:
-                mean, std = input_norm
-                mean, std = [float(v) for v in mean], [float(v) for v in std]
-            except (TypeError, ValueError) as err:
-                raise BackboneError(f"input_norm must be 'auto', None or a (mean, std) pair of per-channel "
-                                    f"sequences, got {input_norm!r}.") from err
-        mean, std = [float(v) for v in mean], [float(v) for v in std]
+            mean, std = input_norm if isinstance(input_norm, (tuple, list)) and len(input_norm) == 2 else (None, None)
+        try:
+            mean, std = [float(v) for v in mean], [float(v) for v in std]
+        except (TypeError, ValueError) as err:
+            raise BackboneError(f"input_norm must be 'auto', None or a (mean, std) pair of per-channel "
+                                f"sequences, got {input_norm!r}.") from err
         if len(mean) != len(std) or min(std) <= 0:
             raise BackboneError(f"input_norm needs a mean and a positive std per channel, got {mean} / {std}.")
         if len(mean) != channels:  # e.g. RGB statistics for a 2- or 4-channel input: their average per channel
