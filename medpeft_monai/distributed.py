@@ -25,9 +25,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 __all__ = [
     "RANK_ZERO_ONLY",
+    "average_gradients",
     "backend",
     "get_rank",
     "get_world_size",
@@ -84,3 +86,29 @@ def handlers_for_rank(handlers: Sequence[Any] | None, rank: int | None = None) -
     handlers = list(handlers or [])
     rank = get_rank() if rank is None else rank
     return handlers if rank == 0 else [h for h in handlers if not is_rank_zero_only(h)]
+
+
+def average_gradients(net: nn.Module) -> None:
+    """Multi-process training without DDP's hooks: ``grad <- (1 / world_size) * sum_ranks grad``.
+
+    For engines that run the unwrapped network (DCRM's functional inner loop, PSST's several passes per
+    step); one all-reduce for every trainable parameter before the optimizer step, so every process takes
+    the same step. A parameter that has no gradient on any process keeps ``grad = None``. Does nothing in a
+    single process.
+    """
+    if get_world_size() == 1:
+        return
+    params = [p for p in net.parameters() if p.requires_grad]
+    if not params:
+        return
+    device = params[0].device
+    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=device)
+    flat = torch.cat(grads + [has_grad])
+    dist.all_reduce(flat)
+    flat /= get_world_size()
+    offset = 0
+    for p, seen in zip(params, flat[-len(params):].tolist()):
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype) if seen > 0 else None
+        offset += n

@@ -45,7 +45,6 @@ import re
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
@@ -53,7 +52,7 @@ from torch import nn
 from torch.func import functional_call
 
 from medpeft_monai.backbones import as_plain_tensor
-from medpeft_monai.distributed import get_world_size
+from medpeft_monai.distributed import average_gradients
 from medpeft_monai.losses import DCRMLoss, dcrm_total_loss
 from medpeft_monai.nets.dcrm import DCRMOutput
 from medpeft_monai.peft.dcrm import TALer, find_controller
@@ -155,7 +154,7 @@ class BilevelTrainer(SupervisedTrainer):
     ``DistributedDataParallel`` (it broadcasts rank 0's initial weights; the evaluator runs through it)
     and give the data loader a :class:`DomainEpisodeSampler`, which shards episodes by rank; both
     modes run the unwrapped network and average the gradients across processes before each step
-    (:meth:`_average_gradients`).
+    (:func:`~medpeft_monai.distributed.average_gradients`).
     """
 
     def __init__(self, device: str | torch.device, max_epochs: int, train_data_loader, network: nn.Module,
@@ -257,32 +256,6 @@ class BilevelTrainer(SupervisedTrainer):
         mean_parts = {k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}
         return outer / len(tasks), mean_parts, pred
 
-    @staticmethod
-    def _average_gradients(net: nn.Module) -> None:
-        """Multi-process training: ``grad <- (1 / world_size) * sum_ranks grad`` for every trainable parameter.
-
-        Both loops run the unwrapped network (the functional inner loop bypasses
-        ``DistributedDataParallel``'s gradient hooks), so the outer gradients are averaged here, in one
-        all-reduce, before the optimizer step; every process then takes the same step. A parameter
-        that has no gradient on any process keeps ``grad = None``. Does nothing in a single process.
-        """
-        if get_world_size() == 1:
-            return
-        params = [p for p in net.parameters() if p.requires_grad]
-        if not params:
-            return
-        device = params[0].device
-        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
-        has_grad = torch.tensor([float(p.grad is not None) for p in params], device=device)
-        flat = torch.cat(grads + [has_grad])
-        dist.all_reduce(flat)
-        flat /= get_world_size()
-        offset = 0
-        for p, seen in zip(params, flat[-len(params):].tolist()):
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype) if seen > 0 else None
-            offset += n
-
     # -- iteration
     def _iteration(self, engine: BilevelTrainer, batchdata) -> dict:
         if batchdata is None:
@@ -312,13 +285,13 @@ class BilevelTrainer(SupervisedTrainer):
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         if engine.amp and engine.scaler is not None:
             engine.scaler.scale(loss).backward()
-            engine._average_gradients(net)
+            average_gradients(net)
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.scaler.step(engine.optimizer)
             engine.scaler.update()
         else:
             loss.backward()
-            engine._average_gradients(net)
+            average_gradients(net)
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.optimizer.step()
         lr = engine._inner_lr()
