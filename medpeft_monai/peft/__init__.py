@@ -24,6 +24,7 @@ from medpeft_monai.peft.core import (
     param_groups,
     peft_config,
     peft_state_dict,
+    read_adapter,
     register_method,
     save_atomic,
     select_blocks,
@@ -34,7 +35,7 @@ from medpeft_monai.peft.core import (
 from medpeft_monai.peft.dcrm import DCRMConfig
 from medpeft_monai.peft.dka import DKAConfig, DualKernelConv
 from medpeft_monai.peft.lora import LoRAConfig, LoRALinear
-from medpeft_monai.peft.prompts import PromptedBlock, VPTConfig
+from medpeft_monai.peft.prompts import PromptedBlock, VPTConfig, WindowPromptAttention, WindowPromptConfig
 
 __all__ = [
     "PEFT_FORMAT",
@@ -59,6 +60,8 @@ __all__ = [
     "PromptedBlock",
     "TokenGridConv",
     "VPTConfig",
+    "WindowPromptAttention",
+    "WindowPromptConfig",
     "adapter_parameters",
     "apply_peft",
     "count_parameters",
@@ -70,6 +73,7 @@ __all__ = [
     "param_groups",
     "peft_config",
     "peft_state_dict",
+    "read_adapter",
     "register_method",
     "save_atomic",
     "select_blocks",

@@ -62,6 +62,7 @@ __all__ = [
     "param_groups",
     "peft_config",
     "peft_state_dict",
+    "read_adapter",
     "register_method",
     "save_atomic",
     "select_blocks",
@@ -514,6 +515,12 @@ def _read_payload(payload: dict[str, Any] | str | os.PathLike) -> tuple[dict[str
         raise PeftError(f"{source} is not a medpeft_monai adapter artefact (expected format {PEFT_FORMAT!r}); "
                         "full checkpoints load with `model.load_state_dict` instead.")
     return payload, source
+
+
+def read_adapter(path: str | os.PathLike) -> dict[str, Any]:
+    """Read an adapter artefact file (checked to be one) without loading it into a model, e.g. to build
+    the adapter from its recorded ``method`` config before :func:`load_peft_state_dict`."""
+    return _read_payload(path)[0]
 
 
 def _check_identity(payload: dict[str, Any], mine: dict[str, Any], source: str) -> None:

@@ -1,4 +1,5 @@
-"""Visual Prompt Tuning (Jia et al. 2022), shallow and deep, for ViT-family backbones.
+"""Prompt methods: Visual Prompt Tuning (Jia et al. 2022), shallow and deep, for ViT-family backbones, and
+window prompts for windowed-attention backbones (SAM2's HieraDet).
 
 ``P`` learnable prompt tokens are placed right after the prefix (class/register) tokens:
 ``[prefix, prompts, patches]``.
@@ -11,6 +12,13 @@ The prompt tokens are part of the token tensor between the blocks of a shallow s
 on any module): the backbone's :meth:`~medpeft_monai.backbones.FrozenBackbone.to_nchw` reads the patch
 tokens as the last ``H*W`` tokens, so dense heads see the backbone's grid at any depth, and after the
 span the layout is exactly the backbone's again.
+
+Window prompts (:class:`WindowPromptConfig`, the task prompts of the cross-modal method): HieraDet attends
+inside local windows of a token grid (and pools queries at stage changes), so prompt tokens cannot simply
+be appended to a token sequence. Each selected block gets ``P`` learnable prompts ``p`` that every window
+attends to as extra keys and values, computed by the block's own (possibly LoRA-adapted) projection:
+``[K_p; V_p] = W_kv p``, ``Attn(Q_w, [K_w; K_p], [V_w; V_p])`` for every window ``w``. The prompts have no
+query and no output, so the token grid and every later layer are exactly the backbone's (deep prompting).
 """
 
 from __future__ import annotations
@@ -20,12 +28,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from medpeft_monai.backbones import FrozenBackbone
+from medpeft_monai.backbones import FrozenBackbone, unwrap
 from medpeft_monai.peft.core import PeftConfig, PeftError, PeftModule, register_method, replace_module, select_blocks
 
-__all__ = ["PromptedBlock", "VPTConfig"]
+__all__ = ["PromptedBlock", "VPTConfig", "WindowPromptAttention", "WindowPromptConfig"]
 
 
 class PromptedBlock(PeftModule):
@@ -94,3 +103,63 @@ class VPTConfig(PeftConfig):
             site = backbone.model.get_submodule(info.name)
             replace_module(backbone.model, info.name, PromptedBlock(site, info.num_prefix_tokens, self.num_prompts,
                                                                     prompts, remove=self.deep or last))
+
+
+class WindowPromptAttention(PeftModule):
+    """HieraDet ``MultiScaleAttention`` whose windows also attend to ``P`` learnable prompt keys/values.
+
+    ``out = proj(softmax(Q [K; K_p]^T / sqrt(d)) [V; V_p])`` with ``[Q, K, V] = qkv(x)`` per window (``Q``
+    max-pooled at q-pool blocks, as the wrapped module does) and ``[_, K_p, V_p] = qkv(p)``.
+
+    Args:
+        attn: the frozen attention module (its ``qkv`` may carry LoRA).
+        num_prompts: ``P``.
+    """
+
+    wraps = ("attn",)
+
+    def __init__(self, attn: nn.Module, num_prompts: int) -> None:
+        super().__init__()
+        base = unwrap(attn)
+        self.attn = attn
+        self.prompts = nn.Parameter(torch.empty(int(num_prompts), base.dim))
+        nn.init.trunc_normal_(self.prompts, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = unwrap(self.attn)
+        b, h, w, _ = x.shape
+        heads = base.num_heads
+        q, k, v = base.qkv(x).reshape(b, h * w, 3, heads, -1).unbind(2)
+        if base.q_pool is not None:
+            q = base.q_pool(q.reshape(b, h, w, -1).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            h, w = q.shape[1:3]
+            q = q.reshape(b, h * w, heads, -1)
+        _, kp, vp = base.qkv(self.prompts.to(x.dtype)).reshape(1, -1, 3, heads, k.shape[-1]).unbind(2)
+        k = torch.cat([k, kp.expand(b, -1, -1, -1)], dim=1)
+        v = torch.cat([v, vp.expand(b, -1, -1, -1)], dim=1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return base.proj(out.transpose(1, 2).reshape(b, h, w, -1))
+
+
+@register_method
+@dataclass
+class WindowPromptConfig(PeftConfig):
+    """Window prompts (task prompts) in the attention of the selected HieraDet (SAM2 Hiera) blocks.
+
+    Args:
+        num_prompts: ``P`` prompt tokens per block.
+    """
+
+    method: ClassVar[str] = "window_prompt"
+    num_prompts: int = 4
+
+    def inject(self, backbone: FrozenBackbone) -> None:
+        if backbone.family != "sam2":
+            raise PeftError(f"window_prompt needs a SAM2 Hiera (HieraDet) backbone, e.g. sam2_hiera_tiny; "
+                            f"{backbone.name} is {backbone.family!r} (use method 'vpt' for ViT-family backbones).")
+        if self.num_prompts < 1:
+            raise PeftError(f"num_prompts must be >= 1, got {self.num_prompts}.")
+        for i in select_blocks(backbone, self.blocks):
+            name = f"{backbone.blocks[i].name}.attn"
+            site = backbone.model.get_submodule(name)
+            replace_module(backbone.model, name, WindowPromptAttention(site, self.num_prompts))
