@@ -14,12 +14,16 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import (
     Compose,
+    CopyItemsd,
     EnsureTyped,
     LoadImaged,
     MapTransform,
     NormalizeIntensityd,
+    RandAdjustContrastd,
     RandAffined,
     RandFlipd,
+    RandGaussianNoised,
+    Randomizable,
     RandRotate90d,
     Resized,
     ResizeWithPadOrCropd,
@@ -32,7 +36,9 @@ __all__ = [
     "LoadImageNamedd",
     "DropTrailingSingletond",
     "MatchChannelsd",
+    "RandChannelSelectd",
     "classification_transforms",
+    "psst_transforms",
     "segmentation_transforms",
 ]
 
@@ -252,4 +258,61 @@ def classification_transforms(
         ]
     xforms.append(EnsureTyped(keys=image_key, dtype=torch.float32))
     xforms.append(EnsureTyped(keys=label_key, dtype=torch.long, allow_missing_keys=mode == "infer"))
+    return Compose(xforms)
+
+
+class RandChannelSelectd(Randomizable, MapTransform):
+    """Keep one randomly chosen channel of a multi-channel image (e.g. one MRI sequence of a T1/T2/FLAIR
+    stack): every channel is then an image of the same modality, as self-supervised modality training
+    wants. One-channel images pass through."""
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self._index = 0
+
+    def randomize(self, channels: int) -> None:
+        self._index = int(self.R.randint(channels))
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            self.randomize(d[key].shape[0])
+            d[key] = d[key][self._index:self._index + 1]
+        return d
+
+
+def _view_augmentation(key: str) -> list:
+    """One view's random augmentation (DINO-style, anatomy-friendly: left-right flips only)."""
+    return [
+        RandFlipd(keys=key, prob=0.5, spatial_axis=1),
+        RandAffined(keys=key, prob=0.8, rotate_range=0.26, scale_range=0.2, translate_range=4,
+                    padding_mode="zeros"),
+        RandAdjustContrastd(keys=key, prob=0.5, gamma=(0.7, 1.5)),
+        RandGaussianNoised(keys=key, prob=0.3, std=0.02),
+    ]
+
+
+def psst_transforms(image_size: Sequence[int] = (64, 64), image_key: str = "image", view_key: str = "view2",
+                    select_channel: bool = True) -> Compose:
+    """Unlabeled images -> two independently augmented views for PSST (stage 1 of the cross-modal method).
+
+    Loads ``image_key``, keeps one random channel (``select_channel``: each sequence of a multi-sequence
+    image is an image of the modality), scales to ``[0, 1]``, resizes to ``image_size``, copies it to
+    ``view_key`` and augments each view on its own (flip, affine, gamma, noise).
+    """
+    size = tuple(int(s) for s in image_size)
+    xforms = [
+        LoadImageNamedd(keys=image_key, ensure_channel_first=True, image_only=True),
+        DropTrailingSingletond(keys=image_key, spatial_rank=len(size)),
+    ]
+    if select_channel:
+        xforms.append(RandChannelSelectd(keys=image_key))
+    xforms += [
+        ScaleIntensityd(keys=image_key, minv=0.0, maxv=1.0),
+        Resized(keys=image_key, spatial_size=size, mode=_interp(size), anti_aliasing=True),
+        CopyItemsd(keys=image_key, times=1, names=view_key),
+        *_view_augmentation(image_key),
+        *_view_augmentation(view_key),
+        EnsureTyped(keys=[image_key, view_key], dtype=torch.float32),
+    ]
     return Compose(xforms)
