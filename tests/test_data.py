@@ -83,7 +83,7 @@ def test_builder_writes_complete_dataset(data_root, name):
         else ("Source", "Licence", "How it was made", "Limits")
     ):
         assert word.lower() in card.lower(), f"{name} card lacks {word}"
-    simulated = ("fundus_disc_cup", "ultrasound_lesion", "multiseq_mri")
+    simulated = ("fundus_disc_cup", "ultrasound_lesion", "multiseq_mri", "multiseq_lesion")
     if name in simulated + ("multidomain_lesion", "multidomain_segmentation"):
         assert "SIMULATED" in card
     data = _sections(folder)
@@ -302,6 +302,105 @@ def test_multiseq_mri(data_root):
     assert flair[lab].mean() > flair[wm].mean() and t2[lab].mean() > t2[wm].mean()
     single = segmentation_transforms("eval", keys=("flair", "label"))(item)
     assert single["flair"].shape == (1, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def multiseq_lesion(tmp_path_factory) -> Path:
+    """multiseq_lesion built once for its own tests (without building every other data set)."""
+    return Path(sample_dataset("multiseq_lesion", root=tmp_path_factory.mktemp("multiseq_lesion")))
+
+
+def test_multiseq_lesion_sections(multiseq_lesion):
+    dl = multiseq_lesion / "datalist.json"
+    data = _sections(multiseq_lesion)
+    assert data["channels"] == ["t1", "t2", "flair"]
+    assert data["labels"] == {"0": "background", "1": "lesion"}
+    assert data["tissue_labels"] == {"0": "background", "1": "csf", "2": "grey_matter", "3": "white_matter"}
+    splits = {k: load_datalist(dl, k) for k in ("unlabeled", "training", "validation", "test")}
+    assert {k: len(v) for k, v in splits.items()} == {"unlabeled": 96, "training": 24, "validation": 8, "test": 16}
+    assert all(set(i) == {"image"} for i in data["unlabeled"])  # no labels in the pool
+    for k in ("training", "validation", "test"):
+        assert all(set(i) == {"image", "label", "tissue"} for i in data[k])
+    assert not any(p.name.endswith(("_t1.nii.gz", "_t2.nii.gz", "_flair.nii.gz")) for p in multiseq_lesion.rglob("*"))
+    item = splits["training"][0]
+    img, lab, tis = _read(item["image"]), _read(item["label"]), _read(item["tissue"])
+    assert img.shape == (64, 64, 1, 3) and img.dtype == np.float32 and 0 <= img.min() and img.max() <= 1
+    assert lab.shape == tis.shape == (64, 64) and lab.dtype == tis.dtype == np.uint8
+    assert set(np.unique(lab)) == {0, 1} and set(np.unique(tis)) == {0, 1, 2, 3}
+    assert (tis[lab > 0] == 3).all()  # lesions count as white matter
+    assert _read(splits["unlabeled"][0]["image"]).shape == (64, 64, 1, 3)
+    out = segmentation_transforms("eval", image_size=(64, 64))(item)
+    assert out["image"].shape == (3, 64, 64) and out["label"].shape == (1, 64, 64)
+
+
+def test_multiseq_lesion_eval_slices_are_apart_from_training(multiseq_lesion):
+    dl = multiseq_lesion / "datalist.json"
+    z = {
+        k: np.array([nib.load(i["image"]).affine[2, 3] for i in load_datalist(dl, k)])
+        for k in ("unlabeled", "training", "validation", "test")
+    }
+    assert set(z["unlabeled"]) <= set(z["training"])  # the pool reuses the training slices
+    seen = np.concatenate([z["training"], z["unlabeled"]])
+    spacing = np.diff(np.unique(z["training"])).min()
+    for k in ("validation", "test"):
+        gap = np.abs(z[k][:, None] - seen[None]).min()
+        assert gap >= 4.0 and gap > 3 * spacing, (k, gap, spacing)
+    assert np.abs(z["validation"][:, None] - z["test"][None]).min() >= 4.0
+
+
+def test_multiseq_lesion_needs_two_sequences_per_pixel():
+    """The simulation itself: lesions bright on T2 and FLAIR, perivascular-space mimics bright on T2
+    but dark on FLAIR, artefact mimics bright on FLAIR only (white matter on T1 and T2)."""
+    rng = np.random.default_rng(0)
+    slices = sd._brain_slices(64, sd._msl_slice_plan())[::6]
+    vals: dict = {k: [] for k in ("lesion", "pvs", "artefact", "wm")}
+    for sl in slices:
+        out = sd._multiseq_lesion_slice(rng, sl, 64)
+        ch = out["channels"]
+        assert ch.shape == (3, 64, 64) and ch.dtype == np.float32 and 0 <= ch.min() and ch.max() <= 1
+        feet = {k: out[k] > 0.01 for k in ("lesion", "pvs", "artefact")}
+        assert not (feet["lesion"] & feet["pvs"]).any() and not (feet["lesion"] & feet["artefact"]).any()
+        assert not (feet["pvs"] & feet["artefact"]).any()
+        np.testing.assert_array_equal(out["label"], (out["lesion"] >= 0.5).astype(np.uint8))
+        assert out["label"].sum() >= 3 and (out["tissue"][out["label"] > 0] == 3).all()
+        for k in ("lesion", "pvs", "artefact"):
+            assert (out[k] >= 0.5).sum() >= 3, k
+            vals[k].append(ch[:, out[k] >= 0.5])
+        vals["wm"].append(ch[:, (sl["wm"] > 0.9) & ~(feet["lesion"] | feet["pvs"] | feet["artefact"])])
+    m = {k: np.concatenate(v, axis=1).mean(1) for k, v in vals.items()}  # mean (t1, t2, flair) per kind
+    les, pvs, art, wm = m["lesion"], m["pvs"], m["artefact"], m["wm"]
+    assert les[1] > wm[1] + 0.2 and les[2] > wm[2] + 0.2 and les[0] < wm[0]
+    assert pvs[1] > wm[1] + 0.2 and pvs[2] < wm[2] and pvs[0] < les[0]  # T2 like a lesion, FLAIR nulled
+    assert art[2] > wm[2] + 0.2 and abs(art[1] - wm[1]) < 0.05 and abs(art[0] - wm[0]) < 0.05
+    assert abs(art[2] - les[2]) < 0.15  # about as bright as a lesion on FLAIR
+
+
+def test_multiseq_lesion_thin_white_matter_small_images():
+    """At 32 px the thinnest white-matter slices still get every kind of blob (fallback centres)."""
+    rng = np.random.default_rng(1)
+    for sl in sd._brain_slices(32, sd._msl_slice_plan())[-4:]:
+        out = sd._multiseq_lesion_slice(rng, sl, 32)
+        assert out["channels"].shape == (3, 32, 32)
+        assert all((out[k] >= 0.5).any() for k in ("lesion", "pvs", "artefact"))
+
+
+def test_multiseq_lesion_separability(multiseq_lesion):
+    sep = _sections(multiseq_lesion)["separability"]
+    assert list(sep) == ["t1", "t2", "flair", "t2+flair", "t1+flair", "t1+t2", "t1+t2+flair"]
+    assert all(0.0 <= v <= 1.0 for v in sep.values())
+    for single in ("t1", "t2", "flair"):
+        assert sep[single] < sep["t1+t2+flair"] - 0.1 and sep[single] < sep["t2+flair"] - 0.1, sep
+    card = (multiseq_lesion / "DATA_CARD.md").read_text()
+    assert "SIMULATED" in card and "| t1 + t2 + flair | " in card and "not clinical claims" in card
+    assert f"| t2 + flair | {sep['t2+flair']:.3f} |" in card
+
+
+def test_multiseq_lesion_separability_rule():
+    """The box rule fitted for the figure finds a box that holds the positives of a separable toy."""
+    x = np.array([[0.1, 0.1], [0.5, 0.5], [0.55, 0.45], [0.9, 0.2], [0.2, 0.9], [0.48, 0.52]])
+    y = np.array([False, True, True, False, False, True])
+    lo, hi = sd._fit_box(x, y)
+    assert np.array_equal(((x >= lo) & (x <= hi)).all(1), y)
 
 
 def _assert_disjoint_regions(sources) -> None:
