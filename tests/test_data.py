@@ -673,3 +673,21 @@ def test_truncated_image_error_names_the_file(tmp_path):
             chain.append(str(e))
             e = e.__cause__
         assert any("truncated.nii.gz" in m and "remove its entry from the datalist" in m for m in chain), chain
+
+
+def test_channel_last_nifti_prediction_inverts_onto_the_image_grid(multiseq_lesion):
+    """(H, W, 1, C) NIfTI: the preset drops the trailing 1 for the 2-D network and Invertd puts it back, keeping
+    the file's 4x4 affine (its z offset), so a mask is written on the image's (H, W, 1) grid."""
+    from monai.data import MetaTensor
+    from monai.transforms import Invertd
+
+    item = load_datalist(multiseq_lesion / "datalist.json", "test")[0]
+    pre = segmentation_transforms("infer", image_size=(32, 32), num_channels=3)
+    out = pre(item)
+    assert out["image"].shape == (3, 32, 32)
+    source = nib.load(item["image"])
+    out["pred"] = MetaTensor(torch.rand(2, 32, 32), meta=dict(out["image"].meta),
+                             applied_operations=list(out["image"].applied_operations))
+    pred = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)(out)["pred"]
+    assert tuple(pred.shape) == (2, *source.shape[:3])
+    np.testing.assert_allclose(np.asarray(pred.affine), source.affine, atol=1e-5)

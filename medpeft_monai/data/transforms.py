@@ -28,8 +28,8 @@ from monai.transforms import (
     Resized,
     ResizeWithPadOrCropd,
     ScaleIntensityd,
-    SqueezeDim,
 )
+from monai.transforms.inverse import InvertibleTransform
 
 __all__ = [
     "CheckSameGridd",
@@ -128,23 +128,36 @@ class CheckSameGridd(MapTransform):
         return dict(data)
 
 
-class DropTrailingSingletond(MapTransform):
-    """Drop trailing size-1 spatial dims until an image has ``spatial_rank`` spatial dims.
+class DropTrailingSingletond(MapTransform, InvertibleTransform):
+    """Drop trailing size-1 spatial dims until an image has ``spatial_rank`` spatial dims; invertible.
 
     A 2D multi-channel NIfTI stored as (H, W, 1, C) loads as (C, H, W, 1); this makes it (C, H, W).
-    Images that already have the rank, or whose extra dims are not size 1, are left unchanged.
+    Images that already have the rank, or whose extra dims are not size 1, are left unchanged. The
+    metadata (4x4 affine with the slice's z offset, ``spatial_shape`` (H, W, 1)) is kept, and the
+    inverse (e.g. MONAI's ``Invertd`` on a prediction) puts the dropped dims back, so a mask is written
+    on the input's own (H, W, 1) grid, not as a (1, H, W) volume with permuted axes.
     """
 
     def __init__(self, keys: KeysCollection, spatial_rank: int, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.spatial_rank = int(spatial_rank)
-        self._squeeze = SqueezeDim(dim=-1)
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
+            dropped = 0
             while d[key].ndim - 1 > self.spatial_rank and d[key].shape[-1] == 1:
-                d[key] = self._squeeze(d[key])
+                d[key] = d[key][..., 0]
+                dropped += 1
+            self.push_transform(d[key], extra_info={"dropped": dropped})
+        return d
+
+    def inverse(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            dropped = self.pop_transform(d[key])["extra_info"]["dropped"]
+            for _ in range(dropped):
+                d[key] = d[key][..., None]
         return d
 
 
