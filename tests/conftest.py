@@ -65,6 +65,7 @@ def trained_like_checkpoint(variant: BundleVariant, path: Path, **overrides) -> 
 
     parser = ConfigParser()
     parser.read_config(str(variant.config("inference")))
+    parser["bundle_root"] = str(variant.bundle)
     for k, v in overrides.items():
         parser[k] = v
     net = perturb_trainable(parser.get_parsed_content("network_def", lazy=False))
@@ -82,10 +83,34 @@ def example_input(bundle: Path | BundleVariant, batch: int = 2) -> torch.Tensor:
     return torch.rand(batch, int(image["num_channels"]), *shape, generator=torch.Generator().manual_seed(1))
 
 
+#: bundles that read another bundle's artefact (stage 2 -> its stage-1 bundle, found at ``<bundle_root>/../<name>``)
+STAGE1_BUNDLE = {"crossmodal_segmentation": "crossmodal_pretrain"}
+
+
+def write_stage1_artefact(pretrain_bundle: Path) -> Path:
+    """What a stage-1 run leaves: the bundle's modality LoRA artefact (untrained network, LoRA moved off its init
+    by :func:`perturb_trainable`), at the path its ``train.json`` writes to."""
+    from monai.bundle import ConfigParser
+
+    from medpeft_monai.peft import peft_state_dict, save_atomic
+
+    parser = ConfigParser()
+    parser.read_config(str(pretrain_bundle / "configs" / "train.json"))
+    parser["bundle_root"] = str(pretrain_bundle)
+    net = perturb_trainable(parser.get_parsed_content("network_def", lazy=False))
+    path = Path(parser.get_parsed_content("adapter_file"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_atomic(peft_state_dict(net, net.adapter_name), path)
+    return path
+
+
 def copy_bundle(name: str, dst_dir: Path) -> Path:
-    """A copy of ``bundles/<name>`` in ``dst_dir`` without trained models or outputs."""
+    """A copy of ``bundles/<name>`` in ``dst_dir`` without trained models or outputs. A bundle that reads a
+    stage-1 bundle's artefact gets that bundle beside it, with an artefact (:func:`write_stage1_artefact`)."""
     dst = dst_dir / name
     shutil.copytree(ROOT / "bundles" / name, dst, ignore=shutil.ignore_patterns("models", "eval"))
+    if name in STAGE1_BUNDLE and not (dst_dir / STAGE1_BUNDLE[name]).exists():
+        write_stage1_artefact(copy_bundle(STAGE1_BUNDLE[name], dst_dir))
     return dst
 
 

@@ -10,7 +10,8 @@ from monai.bundle import ConfigParser
 
 from medpeft_monai.handlers import AdapterSaver
 from medpeft_monai.peft import PEFT_FORMAT, find_backbone, load_peft_state_dict
-from tests.conftest import VARIANTS, example_input, perturb_trainable
+from medpeft_monai.utils import BundleVariant
+from tests.conftest import VARIANTS, copy_bundle, example_input, perturb_trainable
 
 
 def _handlers(parser, key):
@@ -35,8 +36,10 @@ def test_train_config_saves_adapter_beside_full_model(variant):
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
 def test_adapter_on_fresh_backbone_reproduces_predictions(variant, tmp_path):
+    copy = BundleVariant(copy_bundle(variant.bundle.name, tmp_path / "bundles"), variant.suffix)
     parser = ConfigParser()
-    parser.read_config(str(variant.config("inference")))
+    parser.read_config(str(copy.config("inference")))
+    parser["bundle_root"] = str(copy.bundle)
     # stand-in for training: move every trainable (PEFT + head) weight off its initial value
     trained = perturb_trainable(parser.get_parsed_content("network_def", lazy=False))
     models = tmp_path / "models"

@@ -205,7 +205,7 @@ def test_stage1_lora_loads_frozen_and_is_bit_identical_after_stage2(modality_lor
     lora = adapter_parameters(net, "modality_mri")
     assert set(lora) == set(saved) and all(torch.equal(lora[n], saved[n]) for n in saved)
     assert not any(p.requires_grad for p in lora.values())
-    task = adapter_parameters(net, "task")
+    task = adapter_parameters(net, "default")
     assert any(n.startswith("mome.") for n in task) and any(n.startswith("decoder.") for n in task)
     assert any(n.endswith("attn.prompts") for n in task)
     assert {id(p) for p in net.parameters() if p.requires_grad} == {id(p) for p in task.values()}

@@ -49,12 +49,13 @@ def test_ckpt_export_reproduces_eager_outputs(variant, tmp_path):
     assert f"--config_file {config}" in section and f"--meta_file {meta}" in section, (
         f"{variant.bundle.name}/docs/README.md: the Export section needs the command for {variant.name} "
         f"(--config_file {config} --meta_file {meta})")
-    ckpt = tmp_path / "models" / variant.model_file.name
-    net = trained_like_checkpoint(variant, ckpt)
+    copy = BundleVariant(copy_bundle(variant.bundle.name, tmp_path), variant.suffix)
+    ckpt = copy.model_file
+    net = trained_like_checkpoint(copy, ckpt)
     ts_file = ckpt.with_suffix(".ts")
     # the Python entry point behind `python -m monai.bundle ckpt_export`
-    ckpt_export(net_id="network_def", filepath=str(ts_file), ckpt_file=str(ckpt), meta_file=str(variant.metadata),
-                config_file=str(variant.config("inference")), use_trace=True, bundle_root=str(tmp_path))
+    ckpt_export(net_id="network_def", filepath=str(ts_file), ckpt_file=str(ckpt), meta_file=str(copy.metadata),
+                config_file=str(copy.config("inference")), use_trace=True, bundle_root=str(copy.bundle))
     check_reproduces(net, ts_file, example_input(variant, batch=2), variant.config("inference").name)
 
 

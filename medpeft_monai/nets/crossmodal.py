@@ -6,7 +6,7 @@ foundation encoder learns one *modality* (e.g. MRI) without labels into a small 
 not part of the artefact.
 
 Stage 2 (:class:`CrossModalSegmenter`): the modality LoRA is loaded frozen, by name, from its artefact;
-trainable window prompts in every block (adapter ``task``, see
+trainable window prompts in every block (the network's own adapter ``default``, see
 :class:`~medpeft_monai.peft.WindowPromptConfig`), a mixture of modality experts (:class:`MoME`) at each
 feature level and the shared :class:`~medpeft_monai.nets.decoders.LevelDecoder` learn the task. Each input
 modality (an MRI sequence) runs through the same adapted encoder as a one-channel image; modalities can be
@@ -253,7 +253,8 @@ class CrossModalSegmenter(nn.Module):
         weights, image_size, model_kwargs, input_norm: see :class:`~medpeft_monai.backbones.FrozenBackbone`
             (must be those the modality LoRA was trained with; the artefact's identity is checked).
         levels: blocks fused and decoded (default: the stage ends).
-        prompts: the task adapter's config (default window prompts, 4 per block); ``"linear_probe"`` for none.
+        prompts: the task adapter's (``default``) config (default: window prompts, 4 per block);
+            ``"linear_probe"`` for none.
         fusion: ``"mome"`` (general + modality experts + gate) or ``"concat"`` (general expert only).
         mome_channels: ``D`` of the experts.
         decoder_channels: width of the decoder.
@@ -263,8 +264,9 @@ class CrossModalSegmenter(nn.Module):
     Input ``(B, M, H, W)`` in ``[0, 1]``. A modality is missing where ``present[b, m]`` is False, or, when
     ``present`` is not given, where its channel is all zeros (write a missing sequence as a zero channel).
     Output ``(B, num_classes, H, W)`` logits (or :class:`CrossModalOutput` with ``return_outputs=True``).
-    The adapter ``task`` owns the prompts, ``mome`` and ``decoder``: it is what trains and what
-    :class:`~medpeft_monai.handlers.AdapterSaver` ``(adapter="task")`` writes.
+    The network's own adapter ``default`` (as in every network of the project) owns the prompts, ``mome``
+    and ``decoder``: it is what trains and what :class:`~medpeft_monai.handlers.AdapterSaver` writes
+    (``models/adapter.pt``); the modality LoRAs are separate, frozen adapters.
     """
 
     def __init__(self, backbone: str = "sam2_hiera_tiny", num_classes: int = 2,
@@ -295,7 +297,7 @@ class CrossModalSegmenter(nn.Module):
         self.decoder = LevelDecoder([mome_channels] * len(shapes), stride, num_classes, decoder_channels)
         task = dict(prompts) if isinstance(prompts, Mapping) else (prompts or {"method": "window_prompt",
                                                                                "num_prompts": 4})
-        self.peft_config = apply_peft(self, task, name="task", modules=("mome", "decoder"))
+        self.peft_config = apply_peft(self, task, name="default", modules=("mome", "decoder"))
 
     def load_modality_lora(self, modality: str, path: str | os.PathLike) -> None:
         """Add adapter ``modality_<modality>`` from a stage-1 artefact, frozen (its config comes from the file)."""
