@@ -431,6 +431,12 @@ class FrozenBackbone(nn.Module):
         """Patch-token grid after the patch embedding."""
         return self.blocks[0].grid
 
+    @property
+    def embed_grid(self) -> tuple[int, int]:
+        """Token grid that :meth:`embed` returns and a token mask covers: ``image_size / patch_size`` (the
+        first block's grid, except for TinyViT, whose first attention stage is one patch merging further)."""
+        return (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
+
     def _check_image_size(self) -> None:
         """The patch embedding tiles the image exactly: a remainder would never be seen by the encoder."""
         ph, pw = self.patch_size
@@ -537,24 +543,24 @@ class FrozenBackbone(nn.Module):
 
         Args:
             x: ``(B, in_chans, H, W)`` images.
-            mask: optional ``(B, gh, gw)`` boolean mask over block 0's patch grid, ``True`` = hidden.
+            mask: optional ``(B, gh, gw)`` boolean mask over the patch grid (:attr:`embed_grid`), ``True`` =
+                hidden.
                 With ``mask_token`` the hidden patch embeddings are replaced by it (SimMIM-style; every
                 family, token grid kept). Without one the hidden tokens are dropped, which only the ViT
                 family supports (the same number of hidden tokens in every image, the prefix tokens kept).
             mask_token: ``(C,)`` learnable token (owned by the caller, e.g. an MAE head) for hidden patches.
 
         The images are first normalised (:meth:`normalize`). TinyViT: the convolutional first stage runs
-        here too, and token masks are not supported.
+        here too, and a mask (over its output grid, :attr:`embed_grid`) applies to that stage's output; its
+        convolutions see across mask borders, so zero the hidden pixels first where that matters.
 
         Returns tokens in the layout of ``self.blocks[0]`` (``nlc``, ``nhwc`` or ``unrolled``).
         """
         x = self.normalize(x)
         m = self.model
         if self.family == "tinyvit":
-            if mask is not None:
-                raise BackboneError(f"{self.name} (TinyViT) does not support token masks: its first stage is "
-                                    "convolutional. Use a ViT, Swin or Hiera backbone for masked modelling.")
-            return m.stages[0](m.patch_embed(x)).permute(0, 2, 3, 1)
+            t = m.stages[0](m.patch_embed(x)).permute(0, 2, 3, 1)
+            return self._apply_mask(t, mask, mask_token, grid_shape=True)
         if self.family == "hiera":
             t = m.patch_embed(x)                                   # (B, N, C) raster order
             t = self._apply_mask(t, mask, mask_token, grid_shape=False)
@@ -569,7 +575,7 @@ class FrozenBackbone(nn.Module):
         return m._pos_embed(t) if self.family == "sam2" else t
 
     def _check_mask(self, mask: torch.Tensor, batch: int) -> torch.Tensor:
-        gh, gw = self.blocks[0].grid
+        gh, gw = self.embed_grid
         if mask.dtype != torch.bool or tuple(mask.shape) != (batch, gh, gw):
             raise BackboneError(f"mask must be a boolean (B, {gh}, {gw}) tensor over the patch grid (True = hidden), "
                                 f"got {mask.dtype} {tuple(mask.shape)}.")

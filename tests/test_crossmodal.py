@@ -165,6 +165,26 @@ def test_psst_without_dino_is_mae_only():
 # ------------------------------------------------------------------------------------------------ stage 2
 
 
+def test_window_prompts_on_tinyvit_attend_with_zero_bias_to_the_prompts():
+    from medpeft_monai.backbones import FrozenBackbone
+    from medpeft_monai.peft import apply_peft
+
+    bb = FrozenBackbone("tiny_vit_5m_224", image_size=64)
+    apply_peft(bb, {"method": "window_prompt", "num_prompts": 3})
+    site = next(m for m in bb.modules() if isinstance(m, WindowPromptAttention))
+    base = site.attn
+    x = torch.randn(2, 49, base.qkv.in_features)
+    split = [base.key_dim, base.key_dim, base.val_dim]
+    q, k, v = base.qkv(base.norm(x)).view(2, 49, base.num_heads, -1).split(split, dim=3)
+    _, kp, vp = base.qkv(base.norm(site.prompts)).view(3, base.num_heads, -1).split(split, dim=2)
+    keys = torch.cat([k, kp.expand(2, -1, -1, -1)], 1).transpose(1, 2)
+    values = torch.cat([v, vp.expand(2, -1, -1, -1)], 1).transpose(1, 2)
+    logits = q.transpose(1, 2) @ keys.transpose(-1, -2) * base.key_dim ** -0.5
+    logits[..., :49] += base.attention_biases[:, base.attention_bias_idxs]
+    ref = base.proj((logits.softmax(-1) @ values).transpose(1, 2).reshape(2, 49, -1))
+    torch.testing.assert_close(site(x), ref, rtol=1e-4, atol=1e-5)
+
+
 def test_window_prompts_are_extra_keys_and_values_of_every_window():
     net = tiny_segmenter()
     sites = [m for m in net.modules() if isinstance(m, WindowPromptAttention)]

@@ -37,8 +37,16 @@ def test_stepping_api_equals_timm(backbone):
     assert torch.equal(out.tokens, ref)
     for level, stage in zip(out.levels, inter[1:]):  # blocks 1, 7, 9 end stages 1, 2, 3
         assert torch.equal(level, stage)
-    with pytest.raises(BackboneError, match="does not support token masks"):
-        backbone.embed(x, mask=torch.zeros(2, 8, 8, dtype=torch.bool), mask_token=torch.zeros(128))
+    # token masks cover the convolutional stage's output grid (stride 4), hidden tokens become the mask token
+    assert backbone.embed_grid == (16, 16)
+    mask = torch.zeros(2, 16, 16, dtype=torch.bool)
+    mask[:, :8] = True
+    token = torch.full((64,), 7.0)
+    with torch.no_grad():
+        masked, plain = backbone.embed(x, mask=mask, mask_token=token), backbone.embed(x)
+    assert (masked[:, :8] == 7.0).all() and torch.equal(masked[:, 8:], plain[:, 8:])
+    with pytest.raises(BackboneError, match="mask must be a boolean"):
+        backbone.embed(x, mask=torch.zeros(2, 8, 8, dtype=torch.bool), mask_token=token)
 
 
 def test_lora_adapts_q_and_v_of_every_head_and_never_k():

@@ -128,7 +128,7 @@ class PSSTNetwork(nn.Module):
         self.backbone = FrozenBackbone(backbone, weights=weights, image_size=image_size, in_chans=in_chans,
                                        model_kwargs=model_kwargs, input_norm=input_norm)
         self.modality, self.adapter_name = str(modality), modality_adapter_name(modality)
-        grid = self.backbone.blocks[0].grid
+        grid = self.backbone.embed_grid
         self.mask_unit = int(mask_unit)
         if self.mask_unit < 1 or grid[0] % self.mask_unit or grid[1] % self.mask_unit:
             raise BackboneError(f"mask_unit={mask_unit} must divide the patch grid {grid} of image_size "
@@ -141,7 +141,9 @@ class PSSTNetwork(nn.Module):
         # the patch-level head reads the level whose grid is closest to the mask-unit grid
         units = self.unit_grid[0] * self.unit_grid[1]
         self.patch_level = min(range(len(shapes)), key=lambda i: abs(shapes[i][1] * shapes[i][2] / units - 1.0))
-        self.mask_token = nn.Parameter(torch.zeros(self.backbone.blocks[0].width))
+        with torch.no_grad():  # width of the embedded tokens the mask token replaces
+            width = self.backbone.embed(torch.zeros(1, in_chans, *self.backbone.image_size)).shape[-1]
+        self.mask_token = nn.Parameter(torch.zeros(width))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         stride = min(self.backbone.image_size[0] // s[1] for s in shapes)
         self.decoder = LevelDecoder([s[0] for s in shapes], stride, in_chans, decoder_channels)

@@ -1,5 +1,5 @@
 """Prompt methods: Visual Prompt Tuning (Jia et al. 2022), shallow and deep, for ViT-family backbones, and
-window prompts for windowed-attention backbones (SAM2's HieraDet).
+window prompts for windowed-attention backbones (SAM2's HieraDet, TinyViT).
 
 ``P`` learnable prompt tokens are placed right after the prefix (class/register) tokens:
 ``[prefix, prompts, patches]``.
@@ -13,9 +13,9 @@ on any module): the backbone's :meth:`~medpeft_monai.backbones.FrozenBackbone.to
 tokens as the last ``H*W`` tokens, so dense heads see the backbone's grid at any depth, and after the
 span the layout is exactly the backbone's again.
 
-Window prompts (:class:`WindowPromptConfig`, the task prompts of the cross-modal method): HieraDet attends
-inside local windows of a token grid (and pools queries at stage changes), so prompt tokens cannot simply
-be appended to a token sequence. Each selected block gets ``P`` learnable prompts ``p`` that every window
+Window prompts (:class:`WindowPromptConfig`, the task prompts of the cross-modal method): HieraDet and TinyViT
+attend inside local windows of a token grid (HieraDet also pools queries at stage changes), so prompt tokens
+cannot simply be appended to a token sequence. Each selected block gets ``P`` learnable prompts ``p`` that every window
 attends to as extra keys and values, computed by the block's own (possibly LoRA-adapted) projection:
 ``[K_p; V_p] = W_kv p``, ``Attn(Q_w, [K_w; K_p], [V_w; V_p])`` for every window ``w``. The prompts have no
 query and no output, so the token grid and every later layer are exactly the backbone's (deep prompting).
@@ -106,10 +106,15 @@ class VPTConfig(PeftConfig):
 
 
 class WindowPromptAttention(PeftModule):
-    """HieraDet ``MultiScaleAttention`` whose windows also attend to ``P`` learnable prompt keys/values.
+    """Windowed attention whose every window also attends to ``P`` learnable prompt keys/values.
 
-    ``out = proj(softmax(Q [K; K_p]^T / sqrt(d)) [V; V_p])`` with ``[Q, K, V] = qkv(x)`` per window (``Q``
-    max-pooled at q-pool blocks, as the wrapped module does) and ``[_, K_p, V_p] = qkv(p)``.
+    ``out = proj(softmax(Q [K; K_p]^T / sqrt(d) + [B, 0]) [V; V_p])`` with ``[Q, K, V] = qkv(x)`` per window and
+    ``[_, K_p, V_p] = qkv(p)``. Two layouts of the wrapped attention:
+
+    * SAM2's HieraDet ``MultiScaleAttention``: input ``(B, h, w, C)`` windows, thirds Q/K/V, ``Q`` max-pooled at
+      q-pool blocks as the wrapped module does, no bias ``B``;
+    * TinyViT's ``Attention``: input ``(B, N, C)`` windows, its own pre-norm (applied to the prompts too),
+      ``[q_h, k_h, v_h]`` per head and a relative-position bias ``B`` over the window (0 for the prompts).
 
     Args:
         attn: the frozen attention module (its ``qkv`` may carry LoRA).
@@ -120,13 +125,15 @@ class WindowPromptAttention(PeftModule):
 
     def __init__(self, attn: nn.Module, num_prompts: int) -> None:
         super().__init__()
-        base = unwrap(attn)
         self.attn = attn
-        self.prompts = nn.Parameter(torch.empty(int(num_prompts), base.dim))
+        self.prompts = nn.Parameter(torch.empty(int(num_prompts), unwrap(unwrap(attn).qkv).in_features))
         nn.init.trunc_normal_(self.prompts, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = unwrap(self.attn)
+        return self._tinyvit(base, x) if hasattr(base, "attention_biases") else self._hiera(base, x)
+
+    def _hiera(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
         heads = base.num_heads
         q, k, v = base.qkv(x).reshape(b, h * w, 3, heads, -1).unbind(2)
@@ -140,11 +147,24 @@ class WindowPromptAttention(PeftModule):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return base.proj(out.transpose(1, 2).reshape(b, h, w, -1))
 
+    def _tinyvit(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        split = [base.key_dim, base.key_dim, base.val_dim]
+        q, k, v = base.qkv(base.norm(x)).view(b, n, base.num_heads, -1).split(split, dim=3)
+        _, kp, vp = base.qkv(base.norm(self.prompts.to(x.dtype))).view(1, -1, base.num_heads, sum(split)).split(
+            split, dim=3)
+        k = torch.cat([k, kp.expand(b, -1, -1, -1)], dim=1)
+        v = torch.cat([v, vp.expand(b, -1, -1, -1)], dim=1)
+        bias = F.pad(base.get_attention_biases(x.device), (0, self.prompts.shape[0])).to(q.dtype)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias)
+        return base.proj(out.transpose(1, 2).reshape(b, n, base.out_dim))
+
 
 @register_method
 @dataclass
 class WindowPromptConfig(PeftConfig):
-    """Window prompts (task prompts) in the attention of the selected HieraDet (SAM2 Hiera) blocks.
+    """Window prompts (task prompts) in the attention of the selected blocks of a windowed-attention backbone:
+    SAM2 Hiera (HieraDet) or TinyViT (e.g. LiteMedSAM's encoder).
 
     Args:
         num_prompts: ``P`` prompt tokens per block.
@@ -154,9 +174,10 @@ class WindowPromptConfig(PeftConfig):
     num_prompts: int = 4
 
     def inject(self, backbone: FrozenBackbone) -> None:
-        if backbone.family != "sam2":
-            raise PeftError(f"window_prompt needs a SAM2 Hiera (HieraDet) backbone, e.g. sam2_hiera_tiny; "
-                            f"{backbone.name} is {backbone.family!r} (use method 'vpt' for ViT-family backbones).")
+        if backbone.family not in ("sam2", "tinyvit"):
+            raise PeftError(f"window_prompt needs a SAM2 Hiera (HieraDet) or TinyViT backbone, e.g. sam2_hiera_tiny "
+                            f"or tiny_vit_5m_224; {backbone.name} is {backbone.family!r} (use method 'vpt' for "
+                            "ViT-family backbones).")
         if self.num_prompts < 1:
             raise PeftError(f"num_prompts must be >= 1, got {self.num_prompts}.")
         for i in select_blocks(backbone, self.blocks):
