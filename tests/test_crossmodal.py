@@ -160,6 +160,8 @@ def test_psst_without_dino_is_mae_only():
     assert trainer.teacher is None and float(trainer.state.output[0]["loss_image"]) == 0.0
     with pytest.raises(ValueError, match="warmup_epochs"):
         PSSTTrainer("cpu", 1, DataLoader(_views(3)), net, opt, warmup_epochs=1)
+    with pytest.raises(TypeError, match="--dino False"):  # bool("false") would silently be True
+        PSSTTrainer("cpu", 2, DataLoader(_views(3)), net, opt, dino="false")
 
 
 # ------------------------------------------------------------------------------------------------ stage 2

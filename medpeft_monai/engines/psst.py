@@ -127,6 +127,9 @@ class PSSTTrainer(SupervisedTrainer):
                  complexity_fraction: float = 0.5, teacher_temp: tuple[float, float] = (0.04, 0.07),
                  teacher_temp_warmup_epochs: int = 1, student_temp: float = 0.1, center_momentum: float = 0.9,
                  ema_momentum: tuple[float, float] = (0.992, 1.0), view_key: str = "view2", **kwargs) -> None:
+        if not isinstance(dino, bool):  # e.g. the string "false" from a command line, which bool() makes True
+            raise TypeError(f"dino must be True or False, got {dino!r} ({type(dino).__name__}); on the bundle command "
+                            "line write --dino False.")
         if not 0.0 < float(mask_ratio) < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}.")
         if not 0.0 < float(complexity_fraction) <= 1.0:
