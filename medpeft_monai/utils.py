@@ -14,7 +14,7 @@ import io
 import json
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +28,19 @@ __all__ = [
     "atomic_path",
     "bundle_folders",
     "bundle_variants",
+    "common_root",
     "require_file",
     "write_csv_atomic",
     "write_text_atomic",
 ]
+
+
+def common_root(items: Sequence[Mapping], key: str = "image") -> str:
+    """The deepest folder holding every ``item[key]`` file: the ``data_root_dir`` under which inference
+    outputs keep their inputs' relative folders (``SaveImaged(data_root_dir=...)``), so that two images with
+    the same name in different folders get two masks, while images of one folder are written side by side."""
+    folders = [os.path.dirname(os.path.abspath(os.fspath(i[key]))) for i in items if key in i]
+    return os.path.commonpath(folders) if folders else ""
 
 
 def require_file(path: str | os.PathLike, fix: str) -> str:

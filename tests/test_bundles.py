@@ -117,3 +117,31 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode != 0
     assert "Required file not found" in res.stderr + res.stdout and "train the bundle first" in res.stderr + res.stdout
+
+
+@pytest.mark.parametrize("bundle", ["lora_segmentation", "crossmodal_segmentation"])
+def test_same_file_name_in_two_folders_gives_two_masks(bundle, tmp_path):
+    """Inference outputs keep the inputs' folders below their common root (two patients' ``image.nii.gz``
+    must not overwrite each other); images of one folder are still written side by side."""
+    from monai.data import MetaTensor
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundles" / bundle / "configs" / "inference.json"))
+    channels = len(parser.get("modalities", [0]))
+    items = []
+    for patient in ("p1", "p2"):
+        path = tmp_path / "data" / patient / "image.nii.gz"
+        path.parent.mkdir(parents=True)
+        nib.save(nib.Nifti1Image(np.random.rand(64, 64, *((1, channels) if channels > 1 else ())).astype(np.float32),
+                                 np.eye(4)), str(path))
+        items.append({"image": str(path)})
+    parser["test_datalist"] = items
+    parser["output_dir"] = str(tmp_path / "eval")
+    pre, post = parser.get_parsed_content("preprocessing"), parser.get_parsed_content("postprocessing")
+    for item in items:
+        d = pre(item)
+        d["pred"] = MetaTensor(torch.rand(2, 64, 64), meta=dict(d["image"].meta),
+                               applied_operations=list(d["image"].applied_operations))
+        post(d)
+    masks = sorted(p.relative_to(tmp_path / "eval").as_posix() for p in (tmp_path / "eval").rglob("*_seg.nii.gz"))
+    assert masks == ["p1/image_seg.nii.gz", "p2/image_seg.nii.gz"]
