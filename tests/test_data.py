@@ -691,3 +691,17 @@ def test_channel_last_nifti_prediction_inverts_onto_the_image_grid(multiseq_lesi
     pred = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)(out)["pred"]
     assert tuple(pred.shape) == (2, *source.shape[:3])
     np.testing.assert_allclose(np.asarray(pred.affine), source.affine, atol=1e-5)
+
+
+def test_labels_outside_num_classes_are_refused_naming_the_file(tmp_path):
+    image, label = tmp_path / "img.nii.gz", tmp_path / "lab.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.rand(16, 16).astype(np.float32), np.eye(4)), str(image))
+    lab = np.zeros((16, 16), np.uint8)
+    lab[4:8, 4:8] = 2
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), str(label))
+    item = {"image": str(image), "label": str(label)}
+    with pytest.raises(Exception) as err:  # MONAI's Compose wraps it in "applying transform ..."
+        segmentation_transforms("eval", image_size=(16, 16), num_classes=2)(item)
+    text = "".join(str(e) for e in (err.value, err.value.__cause__) if e)
+    assert "lab.nii.gz holds the value 2" in text and "num_classes=2" in text and "--num_classes 3" in text
+    assert segmentation_transforms("eval", image_size=(16, 16), num_classes=3)(item)["label"].max() == 2

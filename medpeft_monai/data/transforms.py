@@ -32,6 +32,7 @@ from monai.transforms import (
 from monai.transforms.inverse import InvertibleTransform
 
 __all__ = [
+    "CheckLabelRanged",
     "CheckSameGridd",
     "LoadImageNamedd",
     "DropTrailingSingletond",
@@ -99,6 +100,37 @@ class LoadImageNamedd(LoadImaged):
                 f"Could not read {files} ({type(err).__name__}: {err}). Fix: check that the file is complete and "
                 "in a format MONAI reads (NIfTI, PNG, JPEG, DICOM, ...), replace it, or remove its entry from "
                 "the datalist.") from err
+
+
+def _file_name(x) -> str:
+    meta = getattr(x, "meta", {}) or {}
+    return str(meta.get("filename_or_obj", "?"))
+
+
+class CheckLabelRanged(MapTransform):
+    """Refuse a label map with values outside ``0 .. num_classes - 1`` (or not whole numbers), naming the file,
+    the value found and the fix, instead of a one-hot ``index out of bounds`` deep inside the loss."""
+
+    def __init__(self, keys: KeysCollection, num_classes: int, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if int(num_classes) < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+        self.num_classes = int(num_classes)
+
+    def __call__(self, data: Mapping) -> dict:
+        for key in self.key_iterator(data):
+            label = torch.as_tensor(data[key])
+            low, high = float(label.min()), float(label.max())
+            if low < 0 or high > self.num_classes - 1:
+                raise ValueError(
+                    f"Label {_file_name(data[key])} holds the value {high if high > self.num_classes - 1 else low:g}, "
+                    f"but num_classes={self.num_classes} allows labels 0..{self.num_classes - 1}. Fix: set "
+                    f"num_classes to the number of classes including background (e.g. --num_classes {int(high) + 1}), "
+                    "or remap the label values.")
+            if not bool(torch.equal(label, label.round())):
+                raise ValueError(f"Label {_file_name(data[key])} holds non-integer values; a label map must hold "
+                                 "class indices. Fix: save the labels as integers (nearest-neighbour resampling).")
+        return dict(data)
 
 
 class CheckSameGridd(MapTransform):
@@ -186,6 +218,7 @@ def segmentation_transforms(
     num_channels: int | None = None,
     intensity: str = "scale",
     spatial: str = "resize",
+    num_classes: int | None = None,
 ) -> Compose:
     """Load, normalise and size image/label pairs for segmentation.
 
@@ -197,6 +230,8 @@ def segmentation_transforms(
         num_channels: if set, images are brought to this many channels (see ``MatchChannelsd``).
         intensity: ``"scale"`` (min-max to [0, 1]) or ``"zscore"`` (per channel).
         spatial: ``"resize"`` (image interpolated, label nearest) or ``"pad_crop"`` (centre pad/crop).
+        num_classes: if set, labels outside ``0 .. num_classes - 1`` are refused naming the file
+            (:class:`CheckLabelRanged`).
     """
     _check_mode(mode)
     image_key = keys[0]
@@ -209,6 +244,8 @@ def segmentation_transforms(
     ]
     if label_key:
         xforms.append(CheckSameGridd(keys=(image_key, label_key)))
+        if num_classes is not None:
+            xforms.append(CheckLabelRanged(keys=label_key, num_classes=num_classes))
     if num_channels is not None:
         xforms.append(MatchChannelsd(keys=image_key, num_channels=num_channels))
     xforms.append(_intensity(image_key, intensity))
