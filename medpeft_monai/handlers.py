@@ -196,8 +196,23 @@ class AtomicMetricsSaver(MetricsSaver):
     ``<metric>_summary.csv``) are each written in full before replacing the previous ones.
 
     The reports are first written into a temporary folder inside ``save_dir``, then every file is renamed
-    into ``save_dir``; same arguments as ``MetricsSaver``.
+    into ``save_dir``; same arguments as ``MetricsSaver``, plus ``class_labels``: names of the metric's classes
+    in order (e.g. :func:`~medpeft_monai.utils.label_names` of the bundle's metadata), used instead of MONAI's
+    ``class0, class1, ...`` in the per-image and summary reports (``class0`` is the first class the metric
+    scores, i.e. label 1 when the background is left out).
     """
+
+    def __init__(self, *args, class_labels: Sequence[str] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.class_labels = list(class_labels) if class_labels is not None else None
+
+    def _rename_classes(self, path: str) -> None:
+        cells = {f"class{i}": str(n) for i, n in enumerate(self.class_labels)}
+        with open(path, encoding="utf-8") as f:
+            rows = [line.rstrip("\n").split(self.deli) for line in f]
+        text = "\n".join(self.deli.join(cells.get(c, c) for c in row) for row in rows) + "\n"
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
 
     def __call__(self, engine: Engine) -> None:
         final = os.fspath(self.save_dir)
@@ -207,6 +222,8 @@ class AtomicMetricsSaver(MetricsSaver):
             self.save_dir = staging
             super().__call__(engine)
             for name in sorted(os.listdir(staging)):
+                if self.class_labels is not None and name.endswith(("_raw.csv", "_summary.csv")):
+                    self._rename_classes(os.path.join(staging, name))
                 os.replace(os.path.join(staging, name), os.path.join(final, name))
         finally:
             self.save_dir = final

@@ -29,6 +29,7 @@ __all__ = [
     "bundle_folders",
     "bundle_variants",
     "common_root",
+    "label_names",
     "require_file",
     "write_csv_atomic",
     "write_text_atomic",
@@ -41,6 +42,16 @@ def common_root(items: Sequence[Mapping], key: str = "image") -> str:
     the same name in different folders get two masks, while images of one folder are written side by side."""
     folders = [os.path.dirname(os.path.abspath(os.fspath(i[key]))) for i in items if key in i]
     return os.path.commonpath(folders) if folders else ""
+
+
+def label_names(metadata: str | os.PathLike, include_background: bool = False) -> list[str]:
+    """Class names of a bundle's segmentation output, in label order, from its metadata's ``channel_def``
+    (without label 0, the background, unless ``include_background``): the per-class report columns."""
+    meta = json.loads(Path(metadata).read_text())
+    outputs = meta.get("network_data_format", {}).get("outputs", {})
+    channels = next(iter(outputs.values()), {}).get("channel_def", {})
+    names = [str(channels[k]) for k in sorted(channels, key=int)]
+    return names if include_background else names[1:]
 
 
 def require_file(path: str | os.PathLike, fix: str) -> str:

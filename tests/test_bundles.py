@@ -82,6 +82,12 @@ def test_lora_segmentation_train_evaluate_infer(tmp_path):
     summary = (bundle / "eval" / "metrics.csv").read_text()
     dice = float(summary.splitlines()[0].split(",")[1])
     assert 0.0 < dice <= 1.0
+    # per-image and summary reports name the classes from the metadata (label 1, 2), not class0, class1
+    header = (bundle / "eval" / "val_mean_dice_raw.csv").read_text().splitlines()[0].split(",")
+    assert header[1:3] == ["grey matter", "white matter"], header
+    rows = [r.split(",")[0] for r in (bundle / "eval" / "val_mean_dice_summary.csv").read_text().splitlines()]
+    assert {"grey matter", "white matter"} <= set(rows)
+    assert not any(r.startswith("class") and r[5:].isdigit() for r in rows)
 
     run_bundle(bundle, ["inference.json"])
     preds = sorted((bundle / "eval").glob("*_seg.nii.gz"))
