@@ -705,3 +705,19 @@ def test_labels_outside_num_classes_are_refused_naming_the_file(tmp_path):
     text = "".join(str(e) for e in (err.value, err.value.__cause__) if e)
     assert "lab.nii.gz holds the value 2" in text and "num_classes=2" in text and "--num_classes 3" in text
     assert segmentation_transforms("eval", image_size=(16, 16), num_classes=3)(item)["label"].max() == 2
+
+
+def test_non_finite_image_is_refused_naming_the_file_or_replaced_on_request(tmp_path):
+    path = tmp_path / "nan.nii.gz"
+    img = np.random.rand(16, 16).astype(np.float32)
+    img[3, 4] = np.nan
+    img[5, 5] = np.inf
+    nib.save(nib.Nifti1Image(img, np.eye(4)), str(path))
+    for preset in (lambda **kw: segmentation_transforms("infer", image_size=(16, 16), **kw),
+                   lambda **kw: classification_transforms("infer", image_size=(16, 16), num_channels=1, **kw)):
+        with pytest.raises(Exception) as err:
+            preset()({"image": str(path)})
+        text = "".join(str(e) for e in (err.value, err.value.__cause__) if e)
+        assert "nan.nii.gz holds 2 NaN or infinite value(s)" in text and "nonfinite='zero'" in text
+        out = preset(nonfinite="zero")({"image": str(path)})["image"]
+        assert torch.isfinite(out).all()

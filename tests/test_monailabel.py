@@ -235,3 +235,25 @@ def test_monailabel_server_infers_with_image_geometry(label_server, trained_tiny
     assert pred_shape == src_shape and set(np.unique(pred)) <= {0, 1}
     own = read_grid(trained_tiny_bundle / "dcrm_vit_multidomain" / "eval" / "seg" / f"{image_path.stem}_seg.png")[2]
     assert np.mean(pred == own) > 0.99  # the same labels as `monai.bundle run inference_seg.json`
+
+
+def test_non_finite_image_is_an_error_not_a_blank_label(tmp_path):
+    """A NaN pixel: MONAI Label's inference raises naming the file (HTTP error) instead of answering with an
+    all-background label."""
+    require_monailabel()
+    label_app = load_app_module()
+    copy = BundleVariant(copy_bundle(TINY_BUNDLE, tmp_path / "bundles"))
+    tiny_preset(copy.bundle, "inference.json")
+    trained_like_checkpoint(copy, copy.model_file, **TINY_PRESET)
+    image = tmp_path / "nan_image.nii.gz"
+    data = np.random.rand(64, 64).astype(np.float32)
+    data[10, 10] = np.nan
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(image))
+    task = label_app.SegmentationBundleInfer(copy, {})
+    with pytest.raises(Exception) as err:
+        task({"image": str(image), "device": "cpu"})
+    chain, e = [], err.value
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    assert any("nan_image.nii.gz holds 1 NaN or infinite value(s)" in c for c in chain), chain[:3]

@@ -7,6 +7,7 @@ Bundle configs call them as expressions, for example::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -32,6 +33,7 @@ from monai.transforms import (
 from monai.transforms.inverse import InvertibleTransform
 
 __all__ = [
+    "CheckFinited",
     "CheckLabelRanged",
     "CheckSameGridd",
     "LoadImageNamedd",
@@ -44,6 +46,7 @@ __all__ = [
 ]
 
 _MODES = ("train", "eval", "infer")
+logger = logging.getLogger(__name__)
 
 
 class MatchChannelsd(MapTransform):
@@ -105,6 +108,31 @@ class LoadImageNamedd(LoadImaged):
 def _file_name(x) -> str:
     meta = getattr(x, "meta", {}) or {}
     return str(meta.get("filename_or_obj", "?"))
+
+
+class CheckFinited(MapTransform):
+    """Refuse an image holding NaN or infinite values, naming the file (one NaN pixel turns a training loss
+    into NaN and an inference result into an all-background mask); ``replace=True`` sets them to 0 instead
+    and logs a warning naming the file and the count."""
+
+    def __init__(self, keys: KeysCollection, replace: bool = False, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.replace = bool(replace)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            bad = ~torch.isfinite(torch.as_tensor(d[key]))
+            count = int(bad.sum())
+            if not count:
+                continue
+            if not self.replace:
+                raise ValueError(
+                    f"Image {_file_name(d[key])} holds {count} NaN or infinite value(s). Fix: repair or remove the "
+                    "file, or set nonfinite='zero' on the transform preset to replace them by 0.")
+            logger.warning(f"{_file_name(d[key])}: replaced {count} NaN or infinite value(s) by 0 (nonfinite='zero').")
+            d[key] = torch.where(bad, torch.zeros((), dtype=d[key].dtype), d[key])
+        return d
 
 
 class CheckLabelRanged(MapTransform):
@@ -193,6 +221,12 @@ class DropTrailingSingletond(MapTransform, InvertibleTransform):
         return d
 
 
+def _finite(key: str, nonfinite: str) -> CheckFinited:
+    if nonfinite not in ("error", "zero"):
+        raise ValueError(f"nonfinite must be 'error' or 'zero', got {nonfinite!r}.")
+    return CheckFinited(keys=key, replace=nonfinite == "zero")
+
+
 def _check_mode(mode: str) -> str:
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
@@ -219,6 +253,7 @@ def segmentation_transforms(
     intensity: str = "scale",
     spatial: str = "resize",
     num_classes: int | None = None,
+    nonfinite: str = "error",
 ) -> Compose:
     """Load, normalise and size image/label pairs for segmentation.
 
@@ -232,6 +267,8 @@ def segmentation_transforms(
         spatial: ``"resize"`` (image interpolated, label nearest) or ``"pad_crop"`` (centre pad/crop).
         num_classes: if set, labels outside ``0 .. num_classes - 1`` are refused naming the file
             (:class:`CheckLabelRanged`).
+        nonfinite: NaN/Inf pixels in an image: ``"error"`` (refused naming the file) or ``"zero"`` (set to 0,
+            logged); :class:`CheckFinited`.
     """
     _check_mode(mode)
     image_key = keys[0]
@@ -240,6 +277,7 @@ def segmentation_transforms(
     size = tuple(int(s) for s in image_size)
     xforms = [
         LoadImageNamedd(keys=all_keys, ensure_channel_first=True, image_only=True),
+        _finite(image_key, nonfinite),
         DropTrailingSingletond(keys=all_keys, spatial_rank=len(size)),
     ]
     if label_key:
@@ -283,16 +321,18 @@ def classification_transforms(
     intensity: str = "scale",
     image_key: str = "image",
     label_key: str = "label",
+    nonfinite: str = "error",
 ) -> Compose:
     """Load and normalise images for classification; the integer label becomes a long tensor.
 
     ``mode`` is ``"train"`` (adds light flip/affine augmentation), ``"eval"`` or ``"infer"``
-    (label optional).
+    (label optional); ``nonfinite`` as in :func:`segmentation_transforms`.
     """
     _check_mode(mode)
     size = tuple(int(s) for s in image_size)
     xforms = [
         LoadImageNamedd(keys=image_key, ensure_channel_first=True, image_only=True),
+        _finite(image_key, nonfinite),
         DropTrailingSingletond(keys=image_key, spatial_rank=len(size)),
     ]
     if num_channels is not None:
@@ -343,16 +383,18 @@ def _view_augmentation(key: str) -> list:
 
 
 def psst_transforms(image_size: Sequence[int] = (64, 64), image_key: str = "image", view_key: str = "view2",
-                    select_channel: bool = True) -> Compose:
+                    select_channel: bool = True, nonfinite: str = "error") -> Compose:
     """Unlabeled images -> two independently augmented views for PSST (stage 1 of the cross-modal method).
 
     Loads ``image_key``, keeps one random channel (``select_channel``: each sequence of a multi-sequence
     image is an image of the modality), scales to ``[0, 1]``, resizes to ``image_size``, copies it to
-    ``view_key`` and augments each view on its own (flip, affine, gamma, noise).
+    ``view_key`` and augments each view on its own (flip, affine, gamma, noise). ``nonfinite`` as in
+    :func:`segmentation_transforms`.
     """
     size = tuple(int(s) for s in image_size)
     xforms = [
         LoadImageNamedd(keys=image_key, ensure_channel_first=True, image_only=True),
+        _finite(image_key, nonfinite),
         DropTrailingSingletond(keys=image_key, spatial_rank=len(size)),
     ]
     if select_channel:
