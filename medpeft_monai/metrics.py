@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine
 from ignite.metrics import Metric
+from monai.handlers import MeanDice as _MonaiMeanDice
 from monai.utils.enums import CommonKeys as Keys
 
 from medpeft_monai.backbones import as_plain_tensor
@@ -18,7 +19,7 @@ from medpeft_monai.distributed import get_rank, get_world_size
 from medpeft_monai.handlers import output_items
 from medpeft_monai.utils import write_csv_atomic
 
-__all__ = ["DomainAccuracy"]
+__all__ = ["DomainAccuracy", "MeanDice"]
 
 
 def _index(value) -> int:
@@ -112,3 +113,16 @@ class DomainAccuracy(Metric):
                          sum(c for c, _ in self.per_domain.values()), value])
             write_csv_atomic(os.path.join(self.save_dir, self.filename),
                               ["domain", "domain_id", "n", "correct", "accuracy"], rows)
+
+
+class MeanDice(_MonaiMeanDice):
+    """MONAI's ``MeanDice`` handler with the Dice convention for absent classes as an argument.
+
+    ``ignore_empty`` (MONAI's ``DiceMetric`` default ``True``): an image whose label lacks a class gives no
+    score for it; ``False``: it scores 0 if the class is predicted there, 1 if not. The bundles set it from
+    their config key ``dice_ignore_empty`` (see docs/reliability.md, "What the Dice figures measure").
+    """
+
+    def __init__(self, ignore_empty: bool = True, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.metric_fn.ignore_empty = bool(ignore_empty)
