@@ -68,7 +68,8 @@ def test_one_stage1_artefact_serves_two_tasks_and_stays_bit_identical(tmp_path):
 def test_stage1_under_torchrun_keeps_ranks_identical(tmp_path):
     pre = copy_bundle("crossmodal_pretrain", tmp_path)
     save_ranks = tmp_path / "save_every_rank.json"
-    save_ranks.write_text(json.dumps({"finalize": [
+    save_ranks.write_text(json.dumps({"finalize": [  # rank 1 may get here before rank 0 has made models/
+        "$os.makedirs(@ckpt_dir, exist_ok=True)",
         "$torch.save(@network.module.state_dict(), @ckpt_dir + '/rank' + str(dist.get_rank()) + '.pt')",
         "$dist.is_initialized() and dist.destroy_process_group()"]}))
     configs = [str(pre / "configs" / "train.json"), str(pre / "configs" / "multi_gpu_train.json"), str(save_ranks)]
