@@ -29,6 +29,7 @@ __all__ = [
     "bundle_folders",
     "bundle_variants",
     "common_root",
+    "install_root_cause_hook",
     "label_names",
     "require_file",
     "write_csv_atomic",
@@ -52,6 +53,38 @@ def label_names(metadata: str | os.PathLike, include_background: bool = False) -
     channels = next(iter(outputs.values()), {}).get("channel_def", {})
     names = [str(channels[k]) for k in sorted(channels, key=int)]
     return names if include_background else names[1:]
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The first exception of ``err``'s chain (following ``__cause__``, else ``__context__``)."""
+    seen = {id(err)}
+    while (nxt := err.__cause__ or err.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        err = nxt
+    return err
+
+
+def install_root_cause_hook() -> None:
+    """Make ``sys.excepthook`` end an uncaught error's report with its root cause (once per process).
+
+    The previous hook prints the whole traceback as before; when the error was raised from another one (MONAI's
+    bundle runner wraps every failure in "Failed to evaluate ConfigExpression"), the root cause's type and
+    message follow as the last lines, so the reason and its fix are what a user reads first at the bottom.
+    """
+    import sys
+
+    previous = sys.excepthook
+    if getattr(previous, "medpeft_root_cause", False):
+        return
+
+    def hook(exc_type, exc, tb):
+        previous(exc_type, exc, tb)
+        root = root_cause(exc) if exc is not None else None
+        if root is not None and root is not exc:
+            print(f"\nmedpeft_monai: the error above was caused by\n{type(root).__name__}: {root}", file=sys.stderr)
+
+    hook.medpeft_root_cause = True
+    sys.excepthook = hook
 
 
 def require_file(path: str | os.PathLike, fix: str) -> str:

@@ -123,6 +123,10 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode != 0
     assert "Required file not found" in res.stderr + res.stdout and "train the bundle first" in res.stderr + res.stdout
+    # the root cause and its fix are the last lines, below MONAI's "Failed to evaluate ConfigExpression"
+    tail = res.stderr.strip().splitlines()[-2:]
+    assert tail[0] == "medpeft_monai: the error above was caused by", tail
+    assert tail[1].startswith("FileNotFoundError: Required file not found") and "train the bundle first" in tail[1]
 
 
 @pytest.mark.parametrize("bundle", ["lora_segmentation", "crossmodal_segmentation"])
