@@ -721,3 +721,21 @@ def test_non_finite_image_is_refused_naming_the_file_or_replaced_on_request(tmp_
         assert "nan.nii.gz holds 2 NaN or infinite value(s)" in text and "nonfinite='zero'" in text
         out = preset(nonfinite="zero")({"image": str(path)})["image"]
         assert torch.isfinite(out).all()
+
+
+def test_segmentation_augmentation_presets_keep_anatomy_upright_by_default():
+    from monai.transforms import RandFlipd, RandRotate90d
+
+    def flips(preset):
+        return sorted(t.flipper.spatial_axis for t in preset.transforms if isinstance(t, RandFlipd))
+
+    def rot90(preset):
+        return any(isinstance(t, RandRotate90d) for t in preset.transforms)
+
+    anatomy = segmentation_transforms("train", image_size=(16, 16))
+    assert flips(anatomy) == [0] and not rot90(anatomy)  # left-right only: a brain stays upright
+    free = segmentation_transforms("train", image_size=(16, 16), augmentation="free")
+    assert flips(free) == [0, 1] and rot90(free)
+    assert flips(segmentation_transforms("train", image_size=(16, 16), augmentation="none")) == []
+    with pytest.raises(ValueError, match="augmentation must be"):
+        segmentation_transforms("train", augmentation="wild")

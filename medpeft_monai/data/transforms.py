@@ -254,6 +254,7 @@ def segmentation_transforms(
     spatial: str = "resize",
     num_classes: int | None = None,
     nonfinite: str = "error",
+    augmentation: str = "anatomy",
 ) -> Compose:
     """Load, normalise and size image/label pairs for segmentation.
 
@@ -269,6 +270,10 @@ def segmentation_transforms(
             (:class:`CheckLabelRanged`).
         nonfinite: NaN/Inf pixels in an image: ``"error"`` (refused naming the file) or ``"zero"`` (set to 0,
             logged); :class:`CheckFinited`.
+        augmentation: training augmentation preset: ``"anatomy"`` (default; left-right flips along the first
+            spatial axis, which is left-right for RAS NIfTI and PNG alike, and small rotations/scaling: a brain
+            stays upright), ``"free"`` (also up-down flips and 90-degree rotations, for images without a
+            canonical orientation such as microscopy) or ``"none"``.
     """
     _check_mode(mode)
     image_key = keys[0]
@@ -295,21 +300,16 @@ def segmentation_transforms(
         xforms.append(ResizeWithPadOrCropd(keys=all_keys, spatial_size=size))
     else:
         raise ValueError(f"spatial must be 'resize' or 'pad_crop', got {spatial!r}.")
-    if mode == "train":
+    if augmentation not in ("anatomy", "free", "none"):
+        raise ValueError(f"augmentation must be 'anatomy', 'free' or 'none', got {augmentation!r}.")
+    if mode == "train" and augmentation != "none":
         affine_modes = [_interp(size)] + (["nearest"] if label_key else [])
-        xforms += [
-            RandFlipd(keys=all_keys, prob=0.5, spatial_axis=0),
-            RandFlipd(keys=all_keys, prob=0.5, spatial_axis=1),
-            RandRotate90d(keys=all_keys, prob=0.5, max_k=3),
-            RandAffined(
-                keys=all_keys,
-                prob=0.5,
-                rotate_range=0.26,
-                scale_range=0.1,
-                mode=affine_modes,
-                padding_mode="zeros",
-            ),
-        ]
+        xforms.append(RandFlipd(keys=all_keys, prob=0.5, spatial_axis=0))
+        if augmentation == "free":
+            xforms += [RandFlipd(keys=all_keys, prob=0.5, spatial_axis=1),
+                       RandRotate90d(keys=all_keys, prob=0.5, max_k=3)]
+        xforms.append(RandAffined(keys=all_keys, prob=0.5, rotate_range=0.26, scale_range=0.1, mode=affine_modes,
+                                  padding_mode="zeros"))
     xforms.append(EnsureTyped(keys=all_keys, dtype=torch.float32))
     return Compose(xforms)
 
