@@ -77,7 +77,7 @@ def subset_dice(seg_bundle: Path, ckpt: Path, overrides: dict) -> dict[str, floa
     net = parser.get_parsed_content("network_def", lazy=False).eval()
     net.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
     pre = parser.get_parsed_content("validate#preprocessing")
-    items = [pre(dict(d, label=d["label"])) for d in load_datalist(parser.get_parsed_content("datalist"), "test")]
+    items = [pre(d) for d in load_datalist(parser.get_parsed_content("datalist"), "test")]
     x = torch.stack([torch.as_tensor(i["image"]) for i in items])
     y = torch.stack([torch.as_tensor(i["label"]) for i in items]).long()
     out = {}

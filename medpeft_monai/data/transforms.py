@@ -177,14 +177,10 @@ class CheckSameGridd(MapTransform):
         image_key, label_key = self.keys
         image, label = data[image_key], data[label_key]
         if tuple(image.shape[1:]) != tuple(label.shape[1:]):
-            def name(x):
-                meta = getattr(x, "meta", {}) or {}
-                return meta.get("filename_or_obj", "?")
-
             raise ValueError(
-                f"Label {name(label)} has spatial shape {tuple(label.shape[1:])} but its image {name(image)} has "
-                f"{tuple(image.shape[1:])}. Fix: resample the label onto the image grid (e.g. with MONAI's "
-                "ResampleToMatch) or pair the right files in the datalist.")
+                f"Label {_file_name(label)} has spatial shape {tuple(label.shape[1:])} but its image "
+                f"{_file_name(image)} has {tuple(image.shape[1:])}. Fix: resample the label onto the image grid (e.g. "
+                "with MONAI's ResampleToMatch) or pair the right files in the datalist.")
         return dict(data)
 
 
@@ -221,10 +217,16 @@ class DropTrailingSingletond(MapTransform, InvertibleTransform):
         return d
 
 
-def _finite(key: str, nonfinite: str) -> CheckFinited:
+def _load(keys: Sequence[str], image_key: str, spatial_rank: int, nonfinite: str) -> list:
+    """The start of every preset: load ``keys`` (errors name the file), refuse or zero NaN/Inf pixels of the image
+    (``nonfinite``: ``"error"`` or ``"zero"``), drop trailing singleton dims down to ``spatial_rank``."""
     if nonfinite not in ("error", "zero"):
         raise ValueError(f"nonfinite must be 'error' or 'zero', got {nonfinite!r}.")
-    return CheckFinited(keys=key, replace=nonfinite == "zero")
+    return [
+        LoadImageNamedd(keys=list(keys), ensure_channel_first=True, image_only=True),
+        CheckFinited(keys=image_key, replace=nonfinite == "zero"),
+        DropTrailingSingletond(keys=list(keys), spatial_rank=spatial_rank),
+    ]
 
 
 def _check_mode(mode: str) -> str:
@@ -280,11 +282,7 @@ def segmentation_transforms(
     label_key = keys[1] if len(keys) > 1 and mode != "infer" else None
     all_keys = [image_key] + ([label_key] if label_key else [])
     size = tuple(int(s) for s in image_size)
-    xforms = [
-        LoadImageNamedd(keys=all_keys, ensure_channel_first=True, image_only=True),
-        _finite(image_key, nonfinite),
-        DropTrailingSingletond(keys=all_keys, spatial_rank=len(size)),
-    ]
+    xforms = _load(all_keys, image_key, len(size), nonfinite)
     if label_key:
         xforms.append(CheckSameGridd(keys=(image_key, label_key)))
         if num_classes is not None:
@@ -330,11 +328,7 @@ def classification_transforms(
     """
     _check_mode(mode)
     size = tuple(int(s) for s in image_size)
-    xforms = [
-        LoadImageNamedd(keys=image_key, ensure_channel_first=True, image_only=True),
-        _finite(image_key, nonfinite),
-        DropTrailingSingletond(keys=image_key, spatial_rank=len(size)),
-    ]
+    xforms = _load([image_key], image_key, len(size), nonfinite)
     if num_channels is not None:
         xforms.append(MatchChannelsd(keys=image_key, num_channels=num_channels))
     xforms += [
@@ -392,11 +386,7 @@ def psst_transforms(image_size: Sequence[int] = (64, 64), image_key: str = "imag
     :func:`segmentation_transforms`.
     """
     size = tuple(int(s) for s in image_size)
-    xforms = [
-        LoadImageNamedd(keys=image_key, ensure_channel_first=True, image_only=True),
-        _finite(image_key, nonfinite),
-        DropTrailingSingletond(keys=image_key, spatial_rank=len(size)),
-    ]
+    xforms = _load([image_key], image_key, len(size), nonfinite)
     if select_channel:
         xforms.append(RandChannelSelectd(keys=image_key))
     xforms += [

@@ -25,7 +25,7 @@ from torch import nn
 
 from medpeft_monai.backbones import BackboneError, FrozenBackbone, as_plain_tensor
 from medpeft_monai.nets.decoders import LevelDecoder
-from medpeft_monai.nets.segmenter import default_levels
+from medpeft_monai.nets.segmenter import default_levels, level_layout
 from medpeft_monai.peft import apply_peft, load_peft_state_dict, read_adapter
 
 __all__ = [
@@ -56,16 +56,6 @@ def feature_levels(backbone: FrozenBackbone, levels: Sequence[int] | None) -> li
         ends = getattr(backbone.model, "stage_ends", None)
         levels = list(ends) if ends else default_levels(n)
     return sorted({int(i) % n for i in levels})
-
-
-def _level_shapes(backbone: FrozenBackbone, levels: list[int]) -> list[tuple[int, int, int]]:
-    """``(C, h, w)`` of each level for the backbone's image size (one dummy pass)."""
-    was = backbone.training
-    backbone.eval()
-    with torch.no_grad():
-        feats = backbone.forward_levels(torch.zeros(1, backbone.in_chans, *backbone.image_size), levels)
-    backbone.train(was)
-    return [tuple(f.shape[1:]) for f in feats]
 
 
 class DINOHead(nn.Module):
@@ -137,7 +127,7 @@ class PSSTNetwork(nn.Module):
         ph, pw = self.backbone.patch_size
         self.unit_pixels = (ph * self.mask_unit, pw * self.mask_unit)
         self.levels = feature_levels(self.backbone, levels)
-        shapes = _level_shapes(self.backbone, self.levels)
+        shapes, stride = level_layout(self.backbone, self.levels)
         # the patch-level head reads the level whose grid is closest to the mask-unit grid
         units = self.unit_grid[0] * self.unit_grid[1]
         self.patch_level = min(range(len(shapes)), key=lambda i: abs(shapes[i][1] * shapes[i][2] / units - 1.0))
@@ -145,7 +135,6 @@ class PSSTNetwork(nn.Module):
             width = self.backbone.embed(torch.zeros(1, in_chans, *self.backbone.image_size)).shape[-1]
         self.mask_token = nn.Parameter(torch.zeros(width))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        stride = min(self.backbone.image_size[0] // s[1] for s in shapes)
         self.decoder = LevelDecoder([s[0] for s in shapes], stride, in_chans, decoder_channels)
         self.image_head = DINOHead(self.backbone.num_features, head_dim, head_hidden, head_bottleneck)
         self.patch_head = DINOHead(shapes[self.patch_level][0], head_dim, head_hidden, head_bottleneck)
@@ -292,10 +281,9 @@ class CrossModalSegmenter(nn.Module):
         for modality, path in (modality_lora or {}).items():
             self.load_modality_lora(modality, path)
         self.levels = feature_levels(self.backbone, levels)
-        shapes = _level_shapes(self.backbone, self.levels)
+        shapes, stride = level_layout(self.backbone, self.levels)
         m = len(self.modalities)
         self.mome = nn.ModuleList(MoME(s[0], m, mome_channels, experts=fusion == "mome") for s in shapes)
-        stride = min(self.backbone.image_size[0] // s[1] for s in shapes)
         self.decoder = LevelDecoder([mome_channels] * len(shapes), stride, num_classes, decoder_channels)
         task = dict(prompts) if isinstance(prompts, Mapping) else (prompts or {"method": "window_prompt",
                                                                                "num_prompts": 4})

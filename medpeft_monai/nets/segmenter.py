@@ -21,13 +21,25 @@ from medpeft_monai.backbones import BackboneError, BackboneOutput, FrozenBackbon
 from medpeft_monai.nets.decoders import LevelDecoder
 from medpeft_monai.peft import PeftConfig, apply_peft
 
-__all__ = ["PeftSegmenter", "default_levels"]
+__all__ = ["PeftSegmenter", "default_levels", "level_layout"]
 
 
 def default_levels(num_blocks: int, count: int = 4) -> list[int]:
     """``count`` evenly spaced block indices ending with the last block (e.g. 12 -> [2, 5, 8, 11])."""
     count = min(count, num_blocks)
     return sorted({num_blocks - 1 - round(i * num_blocks / count) for i in range(count)})
+
+
+def level_layout(backbone: FrozenBackbone, levels: Sequence[int]) -> tuple[list[tuple[int, int, int]], int]:
+    """``(C, h, w)`` of each level at the backbone's image size, and the smallest level stride (one dummy pass
+    in eval mode): what a decoder over these levels is built from."""
+    was = backbone.training
+    backbone.eval()
+    with torch.no_grad():
+        feats = backbone.forward_levels(torch.zeros(1, backbone.in_chans, *backbone.image_size), levels)
+    backbone.train(was)
+    shapes = [tuple(f.shape[1:]) for f in feats]
+    return shapes, min(backbone.image_size[0] // s[1] for s in shapes)
 
 
 class PeftSegmenter(nn.Module):
@@ -75,19 +87,9 @@ class PeftSegmenter(nn.Module):
                                        model_kwargs=model_kwargs, input_norm=input_norm)
         n = len(self.backbone.blocks)
         self.levels = sorted({int(i) % n for i in (levels if levels is not None else default_levels(n))})
-        widths, stride = self._level_layout()
-        self.decoder = LevelDecoder(widths, stride, num_classes, decoder_channels)
+        shapes, stride = level_layout(self.backbone, self.levels)
+        self.decoder = LevelDecoder([c for c, _, _ in shapes], stride, num_classes, decoder_channels)
         self.peft_config = apply_peft(self, peft, modules=("decoder",))
-
-    def _level_layout(self) -> tuple[list[int], int]:
-        """Channel width of each level and the smallest level stride (from one dummy pass)."""
-        was = self.backbone.training
-        self.backbone.eval()
-        with torch.no_grad():
-            feats = self.backbone.forward_levels(torch.zeros(1, self.backbone.in_chans, *self.backbone.image_size),
-                                                 self.levels)
-        self.backbone.train(was)
-        return [f.shape[1] for f in feats], min(self.backbone.image_size[0] // f.shape[-2] for f in feats)
 
     def encode_2d(self, x: torch.Tensor) -> tuple[torch.Tensor, BackboneOutput]:
         """``(logits, backbone output)`` of a ``(B, C, H, W)`` batch of the backbone's image size."""
