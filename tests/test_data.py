@@ -739,3 +739,12 @@ def test_segmentation_augmentation_presets_keep_anatomy_upright_by_default():
     assert flips(segmentation_transforms("train", image_size=(16, 16), augmentation="none")) == []
     with pytest.raises(ValueError, match="augmentation must be"):
         segmentation_transforms("train", augmentation="wild")
+
+
+def test_psst_views_flip_left_right_only():
+    from monai.transforms import RandFlipd
+
+    from medpeft_monai.data.transforms import psst_transforms
+
+    flips = [t.flipper.spatial_axis for t in psst_transforms((16, 16)).transforms if isinstance(t, RandFlipd)]
+    assert flips == [0, 0]  # one per view, the first (left-right) spatial axis, as the "anatomy" preset

@@ -366,9 +366,10 @@ class RandChannelSelectd(Randomizable, MapTransform):
 
 
 def _view_augmentation(key: str) -> list:
-    """One view's random augmentation (DINO-style, anatomy-friendly: left-right flips only)."""
+    """One view's random augmentation (DINO-style, anatomy-friendly: left-right flips only, along the first
+    spatial axis as in the ``"anatomy"`` segmentation preset)."""
     return [
-        RandFlipd(keys=key, prob=0.5, spatial_axis=1),
+        RandFlipd(keys=key, prob=0.5, spatial_axis=0),
         RandAffined(keys=key, prob=0.8, rotate_range=0.26, scale_range=0.2, translate_range=4,
                     padding_mode="zeros"),
         RandAdjustContrastd(keys=key, prob=0.5, gamma=(0.7, 1.5)),
