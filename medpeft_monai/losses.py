@@ -4,6 +4,8 @@
 * PSST (cross-modal stage 1): :func:`masked_patch_loss` (MAE on masked patches, per-patch error ``e_i``),
   :func:`error_weights` (``w_i ∝ exp(alpha e_i)``) and :class:`DINOLoss` (centred, sharpened teacher vs
   student cross-entropy, image- or patch-level).
+* MFM-DA: :func:`gram_matrix` / :func:`style_loss` (stage 1b style term) and :func:`pyramid_alignment_loss`
+  (stage 2 hierarchical alignment, ``1 - cos`` over channels per position, averaged over levels).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DCRMLoss", "DINOLoss", "dcrm_total_loss", "error_weights", "masked_patch_loss", "patchify"]
+__all__ = ["DCRMLoss", "DINOLoss", "dcrm_total_loss", "error_weights", "gram_matrix", "masked_patch_loss", "patchify",
+           "pyramid_alignment_loss", "style_loss"]
 
 
 def dcrm_total_loss(task: torch.Tensor, domain_logits: torch.Tensor | None = None,
@@ -145,3 +148,30 @@ class DINOLoss(nn.Module):
             torch.distributed.all_reduce(total)
             torch.distributed.all_reduce(count)
         self.center.mul_(self.center_momentum).add_(total / count, alpha=1.0 - self.center_momentum)
+
+
+def gram_matrix(feat: torch.Tensor) -> torch.Tensor:
+    """``G = F F^T / (C H W)`` per image: ``(B, C, H, W) -> (B, C, C)`` channel correlations (style)."""
+    b, c = feat.shape[:2]
+    f = feat.reshape(b, c, -1)
+    return f @ f.transpose(1, 2) / f.shape[1] / f.shape[2]
+
+
+def style_loss(feats: list[torch.Tensor], target_grams: list[torch.Tensor]) -> torch.Tensor:
+    """Per-image Gram (style) loss ``sum_l mean_(i,j) (G_l(x) - G_l^target)^2``, shape ``(B,)``.
+
+    ``target_grams``: one ``(C, C)`` (e.g. the mean over the target images) or ``(B, C, C)`` per level.
+    """
+    return sum(((gram_matrix(f) - g) ** 2).flatten(1).mean(1) for f, g in zip(feats, target_grams))
+
+
+def pyramid_alignment_loss(feats_a: list[torch.Tensor], feats_b: list[torch.Tensor]) -> torch.Tensor:
+    """Pyramid hierarchical alignment: ``L_align = 1/n sum_l mean_(h,w) (1 - cos(a_l[:, :, h, w], b_l[:, :, h, w]))``.
+
+    Cosine over channels at every position of each level (``(B, C_l, H_l, W_l)``), averaged over positions, images
+    and the ``n`` levels; 0 for identical inputs.
+    """
+    if len(feats_a) != len(feats_b) or not feats_a:
+        raise ValueError(f"pyramid_alignment_loss needs the same, non-zero number of levels, got {len(feats_a)} "
+                         f"and {len(feats_b)}.")
+    return sum((1 - F.cosine_similarity(a, b, dim=1)).mean() for a, b in zip(feats_a, feats_b)) / len(feats_a)

@@ -39,8 +39,12 @@ __all__ = [
     "LoadImageNamedd",
     "DropTrailingSingletond",
     "MatchChannelsd",
+    "NestedRegionsd",
     "RandChannelSelectd",
+    "nested_regions_to_label",
+    "stack_images",
     "classification_transforms",
+    "diffusion_transforms",
     "psst_transforms",
     "segmentation_transforms",
 ]
@@ -184,6 +188,36 @@ class CheckSameGridd(MapTransform):
         return dict(data)
 
 
+class NestedRegionsd(MapTransform):
+    """Label map -> ``num_regions`` nested binary channels, channel ``i`` = ``label > i`` (for fundus:
+    disc = label > 0, cup = label > 1, as the MFM-DA paper's two-channel BCE). Inverse:
+    :func:`nested_regions_to_label`."""
+
+    def __init__(self, keys: KeysCollection, num_regions: int) -> None:
+        super().__init__(keys)
+        if int(num_regions) < 1:
+            raise ValueError(f"num_regions must be >= 1, got {num_regions}.")
+        self.num_regions = int(num_regions)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            lab = d[key]
+            d[key] = torch.cat([torch.as_tensor(lab[:1] > i) for i in range(self.num_regions)]).to(torch.float32)
+            if hasattr(lab, "meta"):
+                from monai.data import MetaTensor
+
+                d[key] = MetaTensor(d[key], meta=lab.meta)
+        return d
+
+
+def nested_regions_to_label(regions: torch.Tensor) -> torch.Tensor:
+    """Binary nested channels ``(K, ...)`` (e.g. disc, cup) -> label map ``(1, ...)``: the number of nested
+    regions a pixel lies in, a region counting only inside the previous one (a cup outside the disc is dropped)."""
+    inside = torch.cumprod((torch.as_tensor(regions) > 0.5).to(torch.int64), dim=0)
+    return inside.sum(0, keepdim=True)
+
+
 class DropTrailingSingletond(MapTransform, InvertibleTransform):
     """Drop trailing size-1 spatial dims until an image has ``spatial_rank`` spatial dims; invertible.
 
@@ -257,6 +291,7 @@ def segmentation_transforms(
     num_classes: int | None = None,
     nonfinite: str = "error",
     augmentation: str = "anatomy",
+    pair_key: str | None = None,
 ) -> Compose:
     """Load, normalise and size image/label pairs for segmentation.
 
@@ -276,23 +311,28 @@ def segmentation_transforms(
             spatial axis, which is left-right for RAS NIfTI and PNG alike, and small rotations/scaling: a brain
             stays upright), ``"free"`` (also up-down flips and 90-degree rotations, for images without a
             canonical orientation such as microscopy) or ``"none"``.
+        pair_key: a second image of the same grid (e.g. the source image of an MFM-DA translation), loaded,
+            checked, normalised, sized and augmented exactly as the image (same random flips and affine).
     """
     _check_mode(mode)
     image_key = keys[0]
     label_key = keys[1] if len(keys) > 1 and mode != "infer" else None
-    all_keys = [image_key] + ([label_key] if label_key else [])
+    images = [image_key] + ([pair_key] if pair_key and mode != "infer" else [])
+    all_keys = images + ([label_key] if label_key else [])
     size = tuple(int(s) for s in image_size)
     xforms = _load(all_keys, image_key, len(size), nonfinite)
+    if len(images) > 1:
+        xforms += [CheckFinited(keys=images[1], replace=nonfinite == "zero"), CheckSameGridd(keys=images)]
     if label_key:
         xforms.append(CheckSameGridd(keys=(image_key, label_key)))
         if num_classes is not None:
             xforms.append(CheckLabelRanged(keys=label_key, num_classes=num_classes))
     if num_channels is not None:
-        xforms.append(MatchChannelsd(keys=image_key, num_channels=num_channels))
-    xforms.append(_intensity(image_key, intensity))
+        xforms.append(MatchChannelsd(keys=images, num_channels=num_channels))
+    xforms += [_intensity(k, intensity) for k in images]
     if spatial == "resize":
-        modes = [_interp(size)] + (["nearest"] if label_key else [])
-        anti = [True] + ([False] if label_key else [])
+        modes = [_interp(size)] * len(images) + (["nearest"] if label_key else [])
+        anti = [True] * len(images) + ([False] if label_key else [])
         xforms.append(Resized(keys=all_keys, spatial_size=size, mode=modes, anti_aliasing=anti))
     elif spatial == "pad_crop":
         xforms.append(ResizeWithPadOrCropd(keys=all_keys, spatial_size=size))
@@ -301,7 +341,7 @@ def segmentation_transforms(
     if augmentation not in ("anatomy", "free", "none"):
         raise ValueError(f"augmentation must be 'anatomy', 'free' or 'none', got {augmentation!r}.")
     if mode == "train" and augmentation != "none":
-        affine_modes = [_interp(size)] + (["nearest"] if label_key else [])
+        affine_modes = [_interp(size)] * len(images) + (["nearest"] if label_key else [])
         xforms.append(RandFlipd(keys=all_keys, prob=0.5, spatial_axis=0))
         if augmentation == "free":
             xforms += [RandFlipd(keys=all_keys, prob=0.5, spatial_axis=1),
@@ -399,3 +439,27 @@ def psst_transforms(image_size: Sequence[int] = (64, 64), image_key: str = "imag
         EnsureTyped(keys=[image_key, view_key], dtype=torch.float32),
     ]
     return Compose(xforms)
+
+
+def diffusion_transforms(mode: str = "train", image_size: Sequence[int] = (64, 64), num_channels: int = 3,
+                         image_key: str = "image", nonfinite: str = "error") -> Compose:
+    """Images for a DDPM: loaded (errors name the file), ``num_channels`` channels, min-max scaled to ``[-1, 1]``,
+    resized to ``image_size``; ``mode="train"`` adds left-right flips (first spatial axis). No labels."""
+    _check_mode(mode)
+    size = tuple(int(s) for s in image_size)
+    xforms = _load([image_key], image_key, len(size), nonfinite) + [
+        MatchChannelsd(keys=image_key, num_channels=num_channels),
+        ScaleIntensityd(keys=image_key, minv=-1.0, maxv=1.0),
+        Resized(keys=image_key, spatial_size=size, mode=_interp(size), anti_aliasing=True),
+    ]
+    if mode == "train":
+        xforms.append(RandFlipd(keys=image_key, prob=0.5, spatial_axis=0))
+    xforms.append(EnsureTyped(keys=image_key, dtype=torch.float32))
+    return Compose(xforms)
+
+
+def stack_images(items: Sequence[Mapping], transform, image_key: str = "image") -> torch.Tensor:
+    """``(N, C, ...)`` batch of the transformed images of datalist ``items`` (e.g. the few target images)."""
+    if not items:
+        raise ValueError("stack_images got no datalist items; check the datalist section.")
+    return torch.stack([torch.as_tensor(transform(dict(it))[image_key]).as_subclass(torch.Tensor) for it in items])
