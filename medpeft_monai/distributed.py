@@ -8,10 +8,12 @@ A bundle's ``multi_gpu_train.json`` is merged over ``train.json`` the MONAI way:
 It wraps ``network`` in ``DistributedDataParallel``, gives both data loaders a
 ``DistributedSampler`` (DCRM's episode loader shards its ``DomainEpisodeSampler`` by rank instead,
 and its ``BilevelTrainer`` averages the gradients itself) and keeps handlers that only write
-outputs (console statistics, checkpoints, adapter files, experiment tracking) on rank 0 through
+outputs (console statistics, MONAI's checkpoint saver, experiment tracking) on rank 0 through
 :func:`handlers_for_rank`. Handlers that change the training state or run collective operations
 (``ValidationHandler``, ``LrScheduleHandler``, ``EarlyStopHandler``, ``MetricsSaver``,
-``ClassificationSaver``, ...) stay on every rank, so the ranks never fall out of step.
+``ClassificationSaver``, ...) stay on every rank, so the ranks never fall out of step. So does
+:class:`~medpeft_monai.handlers.BundleCheckpointer`: every rank loads the state of ``--resume True``, and
+only rank 0 takes the folder's lock and writes ``model.pt``, ``adapter.pt``, the manifest and ``last.pt``.
 
 :func:`backend` and :func:`local_device` pick NCCL/GPU when CUDA is present and Gloo/CPU otherwise,
 so the same config runs on GPUs and, for tests, on a CPU.
@@ -47,7 +49,6 @@ RANK_ZERO_ONLY = (
     "MLFlowHandler",
     "ClearMLStatsHandler",
     "ClearMLImageHandler",
-    "AdapterSaver",
     "MLflowBundleLogger",
 )
 

@@ -1,34 +1,52 @@
-"""Ignite handlers for bundles: the adapter artefact beside the full checkpoint, per-image predictions, and a
-guard that stops training on a non-finite loss before anything is saved."""
+"""Ignite handlers for bundles: crash-safe, protected and resumable checkpoints (the full model and the adapter
+artefact as one pair), per-image predictions, and a guard that stops training on a non-finite loss before
+anything is saved."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import random
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
 from monai.engines.utils import IterationEvents
 from monai.handlers import MetricsSaver
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
 from medpeft_monai.backbones import as_plain_tensor
-from medpeft_monai.peft import peft_state_dict, save_atomic
+from medpeft_monai.checkpoint import (
+    CheckpointError,
+    RunLock,
+    commit_files,
+    complete_commit,
+    read_manifest,
+    torch_bytes,
+    write_bytes_atomic,
+)
+from medpeft_monai.distributed import get_rank
+from medpeft_monai.peft import peft_state_dict
 from medpeft_monai.utils import write_csv_atomic
 
 __all__ = [
-    "AdapterSaver",
+    "BundleCheckpointer",
     "NonFiniteLossError",
     "StopOnNonFiniteLoss",
     "AtomicMetricsSaver",
     "DomainOutputs",
     "PredictionWriter",
     "output_items",
+    "random_state",
     "scores_and_labels",
+    "set_random_state",
 ]
 
 logger = logging.getLogger(__name__)
@@ -41,9 +59,9 @@ class NonFiniteLossError(RuntimeError):
 class StopOnNonFiniteLoss:
     """Stop training with :class:`NonFiniteLossError` at the first iteration whose loss is NaN or infinite.
 
-    Attached first among the trainer's handlers, it fires before validation and the checkpoint savers of
-    that epoch, so the broken network is never saved over an earlier model, and the run exits with an
-    error (Ignite's ``TerminateOnNan`` ends the run as a success instead).
+    Listed before ``ValidationHandler`` among the trainer's handlers, it fires before validation and the
+    checkpoint saves of that epoch, so the broken network is never saved over an earlier model, and the run
+    exits with an error (Ignite's ``TerminateOnNan`` ends the run as a success instead).
     """
 
     def attach(self, engine: Engine) -> None:
@@ -84,36 +102,307 @@ def scores_and_labels(output: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     return scores, labels
 
 
-class AdapterSaver:
-    """Write one adapter's artefact (:func:`~medpeft_monai.peft.peft_state_dict`: its tensors, config and
-    backbone identity) atomically.
+class BundleCheckpointer:
+    """A bundle run's checkpoints: crash-safe, never replacing a better earlier model, one run per folder, and
+    resumable. List it first in ``train#handlers`` (its start and failure handlers then run before the
+    others'), with the validation evaluator as ``validator``.
 
-    Attach to the validation evaluator: the file is rewritten whenever the evaluator's key metric
-    reaches a new best (MONAI's ``best_metric_epoch`` equals the current epoch); with ``on_best=False``
-    it is written once when the engine completes.
+    * **Start**: takes ``save_dir``'s :class:`~medpeft_monai.checkpoint.RunLock` (a second run into the
+      folder is refused), completes a save a killed run left half done, then either resumes (``resume``)
+      from ``last_file`` or starts a new run whose bar is the best key metric in ``manifest``: the model of
+      an earlier run is replaced only by a better one.
+    * **New best validation** (``>`` the bar, ``>=`` with ``greater_or_equal``): ``model_file`` (the
+      network's state dict, for MONAI Label and ``ckpt_export``) and ``adapter_file`` (the adapter artefact,
+      :func:`~medpeft_monai.peft.peft_state_dict`) are committed together with ``manifest``
+      (:func:`~medpeft_monai.checkpoint.commit_files`: the earlier pair stays until the new one is complete).
+    * **Every epoch end**, after validation: ``last_file``, the state to resume from (trainable network
+      tensors, optimizer, ``lr_scheduler``, AMP scaler, epoch, best metric, random states), atomically.
+    * Without a ``validator`` the files are committed once, when training completes (no metric).
+
+    Under torchrun every rank resumes; only rank 0 locks and writes (keep it out of ``RANK_ZERO_ONLY``).
 
     Args:
         network: the PEFT network being trained.
-        save_dir: folder for the file (usually the bundle's ``models/``).
-        filename: file name, default ``adapter.pt``.
-        on_best: save on a new best key metric (attach to the evaluator).
-        adapter: name of the adapter to save (default ``"default"``, the one a network's ``peft`` builds).
+        save_dir: the bundle's ``models/``.
+        validator: the validation evaluator (its key metric decides the best pair).
+        model_file, adapter_file: file names (``None`` leaves one out).
+        adapter: name of the adapter to save.
+        manifest: record of the committed pair (``checkpoint.json``).
+        last_file: resume state (``None``: not kept, ``resume`` refused).
+        resume: continue the run saved in ``last_file``.
+        lr_scheduler: an LR scheduler to save and restore with the optimizer.
+        greater_or_equal: a validation equal to the best also replaces the pair.
     """
 
-    def __init__(self, network: nn.Module, save_dir: str, filename: str = "adapter.pt", on_best: bool = True,
-                 adapter: str = "default") -> None:
-        self.network, self.path, self.on_best = network, os.path.join(save_dir, filename), on_best
-        self.adapter = adapter
+    def __init__(self, network: nn.Module, save_dir: str, validator: Engine | None = None,
+                 model_file: str | None = "model.pt", adapter_file: str | None = "adapter.pt",
+                 adapter: str = "default", manifest: str = "checkpoint.json", last_file: str | None = "last.pt",
+                 resume: bool = False, lr_scheduler=None, greater_or_equal: bool = False) -> None:
+        if not isinstance(resume, bool):  # e.g. the string "false" from a command line, which bool() makes True
+            raise TypeError(f"resume must be True or False, got {resume!r} ({type(resume).__name__}); on the bundle "
+                            "command line write --resume True or --resume False.")
+        self.network, self.save_dir, self.validator = network, os.fspath(save_dir), validator
+        self.files = [f for f in (model_file, adapter_file) if f]
+        self.model_file, self.adapter_file, self.adapter = model_file, adapter_file, adapter
+        self.manifest, self.last_file, self.resume = manifest, last_file, resume
+        self.lr_scheduler, self.greater_or_equal = lr_scheduler, bool(greater_or_equal)
+        self.lock = RunLock(self.save_dir)
+        self.run_id = ""
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.saved_epoch: int | None = None
+
+    @property
+    def metric(self) -> str | None:
+        return None if self.validator is None else self.validator.state.key_metric_name
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED if self.on_best else Events.COMPLETED, self)
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.failed)
+        if self.validator is not None:
+            self.validator.add_event_handler(Events.EPOCH_COMPLETED, self.validated)
 
-    def __call__(self, engine: Engine) -> None:
-        if self.on_best and getattr(engine.state, "best_metric_epoch", -1) != engine.state.epoch:
+    # -- events
+    def started(self, engine: Engine) -> None:
+        if not engine.has_event_handler(self.epoch_completed, Events.EPOCH_COMPLETED):
+            # added now, so it runs after every other epoch handler (validation, LR scheduler, ...)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+        if get_rank() == 0:
+            self.lock.acquire()
+            complete_commit(self.save_dir)
+        self.best = self.best_epoch = self.saved_epoch = None
+        if self.resume:
+            self._resume(engine)
+        else:
+            self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+            self._warn_unfinished()
+        self._raise_bar_to_earlier_best()
+        if self.validator is not None and self.best is not None:  # MONAI's own "new best" log follows the bar
+            self.validator.state.best_metric, self.validator.state.best_metric_epoch = self.best, self.best_epoch or 0
+
+    def validated(self, evaluator: Engine) -> None:
+        value = evaluator.state.metrics.get(self.metric)
+        if value is None or not math.isfinite(float(value)):
             return
-        net = self.network.module if hasattr(self.network, "module") else self.network  # DDP
-        save_atomic(peft_state_dict(net, self.adapter), self.path)
-        logger.info(f"saved adapter artefact to {self.path}")
+        value, epoch = float(value), int(evaluator.state.epoch)
+        if self.best is not None and not (value >= self.best if self.greater_or_equal else value > self.best):
+            return
+        self.best, self.best_epoch = value, epoch
+        self._commit(epoch, value)
+
+    def epoch_completed(self, engine: Engine) -> None:
+        if self.last_file is None or get_rank() != 0:
+            return
+        state = {k: o.state_dict() for k, o in self._objects(engine).items()}
+        state.update(format=RESUME_FORMAT, run=self.run_id, rng=random_state(_loader(engine)),
+                     best={"metric": self.metric, "value": self.best, "epoch": self.best_epoch},
+                     saved_epoch=self.saved_epoch)
+        write_bytes_atomic(os.path.join(self.save_dir, self.last_file), torch_bytes(state))
+
+    def completed(self, engine: Engine) -> None:
+        try:
+            if self.validator is None:
+                self._commit(int(engine.state.epoch), None)
+            elif get_rank() == 0 and self.saved_epoch is None and self.best is not None:
+                logger.warning(f"this run did not beat {self.metric} {self.best:.4f} of the model already in "
+                               f"{self.save_dir} (see {self.manifest}); that model is kept.")
+        finally:
+            self.lock.release()
+
+    def failed(self, engine: Engine, err: BaseException) -> None:
+        self.lock.release()
+        raise err
+
+    # -- helpers
+    def _commit(self, epoch: int, value: float | None) -> None:
+        self.saved_epoch = epoch
+        if get_rank() != 0:
+            return
+        net = _unwrap(self.network)
+        files = {}
+        if self.model_file:
+            files[self.model_file] = torch_bytes(net.state_dict())
+        if self.adapter_file:
+            files[self.adapter_file] = torch_bytes(peft_state_dict(net, self.adapter))
+        commit_files(self.save_dir, files, self.manifest,
+                     {"run": self.run_id, "epoch": epoch, "metric": self.metric, "value": value})
+        what = "" if value is None else f", {self.metric} {value:.4f}"
+        logger.info(f"saved {' + '.join(files)} in {self.save_dir} (epoch {epoch}{what})")
+
+    def _objects(self, engine: Engine) -> dict:
+        objects = {"trainer": engine, "network": _TrainableState(self.network)}
+        for key, obj in (("optimizer", getattr(engine, "optimizer", None)), ("lr_scheduler", self.lr_scheduler),
+                         ("scaler", getattr(engine, "scaler", None))):
+            if obj is not None:
+                objects[key] = obj
+        return objects
+
+    def _raise_bar_to_earlier_best(self) -> None:
+        """Run protection: the best metric recorded by an earlier run (or save of this one) is the bar."""
+        record = read_manifest(self.save_dir, self.manifest)
+        where = os.path.join(self.save_dir, self.manifest)
+        if record is None:
+            old = [f for f in self.files if os.path.isfile(os.path.join(self.save_dir, f))]
+            if old and get_rank() == 0:
+                logger.warning(f"{self.save_dir} holds {old} without {self.manifest} (not written by this saver; "
+                               "their metric is unknown): they are replaced at this run's first save.")
+            return
+        if self.validator is None:
+            if get_rank() == 0:
+                logger.info(f"{where}: {self.files} of run {record.get('run')} are replaced when this run completes.")
+            return
+        if record.get("metric") != self.metric or record.get("value") is None:
+            logger.warning(f"{where} records {record.get('metric')!r}, not {self.metric!r}: the earlier "
+                           f"{self.files} are replaced at this run's first best {self.metric}.")
+            return
+        earlier = float(record["value"])
+        if self.best is None or earlier > self.best:
+            self.best, self.best_epoch = earlier, 0 if record.get("run") != self.run_id else record.get("epoch")
+            if get_rank() == 0:
+                logger.info(f"starting from the earlier best: {where} holds {self.metric} {earlier:.4f} (epoch "
+                            f"{record.get('epoch')} of run {record.get('run')}); {self.files} are replaced only "
+                            "when this run beats it.")
+
+    def _warn_unfinished(self) -> None:
+        path = os.path.join(self.save_dir, self.last_file or "")
+        if self.last_file and get_rank() == 0 and os.path.isfile(path):
+            logger.warning(f"{path} holds the last state of an earlier run; this new run replaces it after its first "
+                           "epoch. To continue that run instead, pass --resume True.")
+
+    def _resume(self, engine: Engine) -> None:
+        path = os.path.join(self.save_dir, self.last_file or "last.pt")
+        fix = "start a new run without --resume (the model in the folder is kept unless the new run beats it)"
+        if self.last_file is None or not os.path.isfile(path):
+            raise CheckpointError(f"Nothing to resume: {path} not found (it is written at the end of every epoch). "
+                                  f"Fix: {fix}.")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CheckpointError(f"{path} could not be read ({type(err).__name__}: {err}). Fix: {fix}.") from err
+        if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+            raise CheckpointError(f"{path} is not a resume state of this saver. Fix: {fix}.")
+        max_epochs, length = engine.state.max_epochs, engine.state.epoch_length
+        if length is not None and state["trainer"].get("epoch_length") != length:
+            raise CheckpointError(f"{path} was saved with {state['trainer'].get('epoch_length')} iterations per epoch, "
+                                  f"this run has {length}: resume with the same data and batch size, or {fix}.")
+        try:
+            Checkpoint.load_objects(to_load=self._objects(engine), checkpoint=state)
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{path} does not fit this run ({err}). Fix: resume with the configuration of the "
+                                  f"interrupted run, or {fix}.") from err
+        if engine.state.epoch > max_epochs:
+            raise CheckpointError(f"{path} is at epoch {engine.state.epoch}, beyond --epochs {max_epochs}. Fix: pass "
+                                  f"--epochs {engine.state.epoch} or more.")
+        engine.state.max_epochs = max_epochs
+        set_random_state(state["rng"], _loader(engine))
+        self.run_id, self.saved_epoch = state["run"], state.get("saved_epoch")
+        best = state["best"]
+        if best.get("value") is not None and best.get("metric") == self.metric:
+            self.best, self.best_epoch = float(best["value"]), best.get("epoch")
+        logger.info(f"resuming run {self.run_id} from {path}: epoch {engine.state.epoch} of {max_epochs} done"
+                    + (f", best {self.metric} {self.best:.4f} at epoch {self.best_epoch}" if self.best is not None
+                       else ""))
+
+
+RESUME_FORMAT = "medpeft_monai.resume/1"
+
+
+def _unwrap(net: nn.Module) -> nn.Module:
+    return net.module if hasattr(net, "module") else net  # DDP
+
+
+def _loader(engine: Engine):
+    return getattr(engine, "data_loader", None) or getattr(engine.state, "dataloader", None)
+
+
+class _TrainableState:
+    """A network's state dict without its frozen parameters (the resume state of a PEFT run)."""
+
+    def __init__(self, network: nn.Module) -> None:
+        self.network = network
+
+    def _frozen(self, net: nn.Module) -> set[str]:
+        return {n for n, p in net.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+    def state_dict(self) -> dict:
+        net = _unwrap(self.network)
+        frozen = self._frozen(net)
+        return {k: v.detach().cpu().clone() for k, v in net.state_dict().items() if k not in frozen}
+
+    def load_state_dict(self, state: dict) -> None:
+        net = _unwrap(self.network)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k not in self._frozen(net)]
+        if missing or unexpected:
+            raise ValueError(f"network tensors missing {missing[:4]}, unexpected {unexpected[:4]}")
+
+
+def _random_states(root) -> list[np.random.RandomState]:
+    """The random states of every MONAI random transform in ``root`` (a dataset's transform chain)."""
+    from monai.transforms import Randomizable, Transform
+
+    found: dict[int, np.random.RandomState] = {}
+    seen: set[int] = set()
+
+    def walk(obj) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, (list, tuple)):
+            for item in obj:
+                walk(item)
+        elif isinstance(obj, dict):
+            for item in obj.values():
+                walk(item)
+        elif isinstance(obj, (Transform, Randomizable)):
+            if isinstance(getattr(obj, "R", None), np.random.RandomState):
+                found.setdefault(id(obj.R), obj.R)
+            for item in vars(obj).values():
+                walk(item)
+
+    walk(root)
+    return list(found.values())
+
+
+def _np_state(state: tuple) -> tuple:
+    return (state[0], torch.from_numpy(state[1].astype(np.int64)), *state[2:])
+
+
+def _np_restore(state: tuple) -> tuple:
+    return (state[0], state[1].numpy().astype(np.uint32), *state[2:])
+
+
+def random_state(loader=None) -> dict:
+    """Every random state a training epoch draws from: torch (CPU, CUDA), numpy, Python, the random
+    transforms of ``loader``'s dataset, and the epoch counter of its sampler(s) (e.g. ``DomainEpisodeSampler``)."""
+    transforms = _random_states(getattr(getattr(loader, "dataset", None), "transform", None))
+    samplers = [getattr(loader, k, None) for k in ("sampler", "batch_sampler")]
+    state = {"torch": torch.get_rng_state(), "numpy": _np_state(np.random.get_state()), "python": random.getstate(),
+             "transforms": [_np_state(r.get_state()) for r in transforms],
+             "sampler_epochs": [getattr(s, "epoch", None) for s in samplers]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_random_state(state: dict, loader=None) -> None:
+    """Restore what :func:`random_state` returned (same loader and transforms)."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(_np_restore(state["numpy"]))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    transforms = _random_states(getattr(getattr(loader, "dataset", None), "transform", None))
+    if len(transforms) != len(state["transforms"]):
+        raise CheckpointError(f"the resume state has {len(state['transforms'])} random transform states, this "
+                              f"run's training transforms {len(transforms)}: resume with the same configuration.")
+    for r, s in zip(transforms, state["transforms"]):
+        r.set_state(_np_restore(s))
+    for key, epoch in zip(("sampler", "batch_sampler"), state["sampler_epochs"]):
+        sampler = getattr(loader, key, None)
+        if epoch is not None and hasattr(sampler, "epoch"):
+            sampler.epoch = epoch
 
 
 class PredictionWriter:

@@ -4,11 +4,14 @@ and the adapter loaded onto a freshly built frozen backbone reproduces the full 
 exactly."""
 
 
+import json
+
 import pytest
 import torch
+from ignite.engine import Engine
 from monai.bundle import ConfigParser
 
-from medpeft_monai.handlers import AdapterSaver
+from medpeft_monai.handlers import BundleCheckpointer
 from medpeft_monai.peft import PEFT_FORMAT, find_backbone, load_peft_state_dict
 from medpeft_monai.utils import BundleVariant
 from tests.conftest import VARIANTS, copy_bundle, example_input, perturb_trainable
@@ -24,14 +27,17 @@ def test_train_config_saves_adapter_beside_full_model(variant):
     parser = ConfigParser()
     parser.read_config(str(train))
     handlers = _handlers(parser, "validate#handlers") + _handlers(parser, "train#handlers")
-    savers = [h for h in handlers if h.get("_target_", "").endswith("AdapterSaver")]
-    assert len(savers) == 1, f"{variant.name}: {train.name} needs one medpeft_monai.handlers.AdapterSaver"
-    assert savers[0]["save_dir"] == "@ckpt_dir" and savers[0].get("filename", "adapter.pt") == adapter
-    ckpts = [h for h in handlers if h.get("_target_", "").endswith("CheckpointSaver")]
-    assert any(h["save_dir"] == "@ckpt_dir" and h.get("key_metric_filename") == model for h in ckpts), (
-        f"{variant.name}: models/{model} (full network, for MONAI Label and ckpt_export) must be saved too")
-    # the two files are written on the same event (a new best key metric) from the same network
-    assert savers[0]["network"] == "@network"
+    savers = [h for h in handlers if h.get("_target_", "").endswith("BundleCheckpointer")]
+    assert len(savers) == 1, f"{variant.name}: {train.name} needs one medpeft_monai.handlers.BundleCheckpointer"
+    saver = savers[0]
+    # first among the trainer's handlers: it locks the folder (or resumes) before the others start
+    assert parser.get("train#handlers")[0] == saver
+    assert saver["save_dir"] == "@ckpt_dir" and saver["network"] == "@network"
+    # model.pt (full network, for MONAI Label and ckpt_export) and adapter.pt: one pair, from the same network
+    assert (saver.get("model_file", "model.pt"), saver.get("adapter_file", "adapter.pt")) == (model, adapter)
+    assert saver["validator"] == "@validate#evaluator" and saver["resume"] == "@resume"
+    assert parser.get("resume") is False
+    assert not [h for h in handlers if h.get("_target_", "").endswith(("CheckpointSaver", "AdapterSaver"))]
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
@@ -43,10 +49,12 @@ def test_adapter_on_fresh_backbone_reproduces_predictions(variant, tmp_path):
     # stand-in for training: move every trainable (PEFT + head) weight off its initial value
     trained = perturb_trainable(parser.get_parsed_content("network_def", lazy=False))
     models = tmp_path / "models"
-    # the handler the bundle uses, called as on a new best metric
-    saver = AdapterSaver(trained, str(models), on_best=False)
-    saver(None)
-    torch.save(trained.state_dict(), models / "model.pt")
+    # the handler the bundle uses; without a validator it saves the pair when the run completes
+    engine = Engine(lambda e, batch: None)
+    BundleCheckpointer(trained, str(models), last_file=None).attach(engine)
+    engine.run([0])
+    record = json.loads((models / "checkpoint.json").read_text())
+    assert sorted(record["files"]) == ["adapter.pt", "model.pt"] and record["epoch"] == 1
 
     payload = torch.load(models / "adapter.pt", map_location="cpu", weights_only=True)
     trainable = {n for n, p in trained.named_parameters() if p.requires_grad}

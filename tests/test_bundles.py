@@ -77,6 +77,9 @@ def test_lora_segmentation_train_evaluate_infer(tmp_path):
     out = run_bundle(bundle, ["train.json"], "--epochs", "2")
     assert "train_loss" in out  # per-iteration stats
     assert (bundle / "models" / "model.pt").is_file() and (bundle / "models" / "adapter.pt").is_file()
+    # --resume True on the command line continues from models/last.pt (tests/test_checkpoint.py: kills, equality)
+    out = run_bundle(bundle, ["train.json"], "--epochs", "3", "--resume", "True")
+    assert "resuming run" in out and "epoch 2 of 3 done" in out
 
     out = run_bundle(bundle, ["train.json", "evaluate.json"])
     summary = (bundle / "eval" / "metrics.csv").read_text()

@@ -70,13 +70,13 @@ def test_multi_gpu_config_follows_monai_pattern(variant):
 def test_handlers_for_rank_keeps_collective_and_state_handlers():
     from monai.handlers import CheckpointSaver, MetricsSaver, StatsHandler, ValidationHandler
 
-    from medpeft_monai.handlers import AdapterSaver
+    from medpeft_monai.handlers import BundleCheckpointer
     from medpeft_monai.tracking import MLflowBundleLogger
 
     net = torch.nn.Linear(2, 2)
-    keep = [ValidationHandler(validator=None, interval=1), MetricsSaver(save_dir=".")]
-    drop = [StatsHandler(), CheckpointSaver(save_dir=".", save_dict={"m": net}), AdapterSaver(net, "."),
-            MLflowBundleLogger()]
+    # every rank resumes from last.pt; only rank 0 locks and writes (inside the handler)
+    keep = [ValidationHandler(validator=None, interval=1), MetricsSaver(save_dir="."), BundleCheckpointer(net, ".")]
+    drop = [StatsHandler(), CheckpointSaver(save_dir=".", save_dict={"m": net}), MLflowBundleLogger()]
     handlers = drop[:2] + keep + drop[2:]
     assert handlers_for_rank(handlers, rank=0) == handlers
     assert handlers_for_rank(handlers, rank=1) == keep
@@ -85,13 +85,9 @@ def test_handlers_for_rank_keeps_collective_and_state_handlers():
     assert backend() == ("nccl" if torch.cuda.is_available() else "gloo")
 
 
-@pytest.mark.parametrize("variant", TORCHRUN_VARIANTS, ids=lambda v: v.name)
-def test_torchrun_two_processes_gloo_cpu(tmp_path, variant):
-    """Both ranks finish with identical weights. The ranks train on different data (DistributedSampler
-    shards, or DomainEpisodeSampler episodes), so identical weights mean the gradients were averaged."""
-    bundle = copy_bundle(variant.bundle.name, tmp_path)
-    copy = BundleVariant(bundle, variant.suffix)
-    # an extra config layered on top (MONAI merges config files in order): every rank saves its weights
+def _torchrun(tmp_path, bundle, copy, *args):
+    """The variant's train + multi_gpu_train configs under torchrun (2 processes, gloo, CPU), with an extra config
+    layered on top (MONAI merges config files in order) that makes every rank save its weights; returns the log."""
     save_ranks = tmp_path / "save_every_rank.json"
     save_ranks.write_text(json.dumps({"finalize": [
         "$torch.save(@network.module.state_dict(), @ckpt_dir + '/rank' + str(dist.get_rank()) + '.pt')",
@@ -100,18 +96,31 @@ def test_torchrun_two_processes_gloo_cpu(tmp_path, variant):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "-m", "monai.bundle", "run", "--config_file", json.dumps(configs), "--bundle_root", str(bundle),
-           "--epochs", "2", *TINY_ARGS]
+           *args, *TINY_ARGS]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # gloo on the CPU even on a GPU machine
     res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900, env=env)
-    out = res.stdout[-4000:] + res.stderr[-4000:]
-    assert res.returncode == 0, out
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-8000:]
+    return out
 
-    models = bundle / "models"
+
+def _rank_weights_agree(models):
     rank0 = torch.load(models / "rank0.pt", map_location="cpu", weights_only=True)
     rank1 = torch.load(models / "rank1.pt", map_location="cpu", weights_only=True)
     assert rank0.keys() == rank1.keys()
     differing = [k for k in rank0 if not torch.equal(rank0[k], rank1[k])]
     assert not differing, f"ranks disagree on {differing[:5]}"
+    return rank0
+
+
+@pytest.mark.parametrize("variant", TORCHRUN_VARIANTS, ids=lambda v: v.name)
+def test_torchrun_two_processes_gloo_cpu(tmp_path, variant):
+    """Both ranks finish with identical weights. The ranks train on different data (DistributedSampler
+    shards, or DomainEpisodeSampler episodes), so identical weights mean the gradients were averaged."""
+    bundle = copy_bundle(variant.bundle.name, tmp_path)
+    copy = BundleVariant(bundle, variant.suffix)
+    _torchrun(tmp_path, bundle, copy, "--epochs", "2")
+    rank0 = _rank_weights_agree(bundle / "models")
     # rank 0 wrote the usual artefacts (once): full model and adapter (model_seg.pt for train_seg.json)
     assert copy.model_file.is_file() and copy.adapter_file.is_file()
     # and training did change the trainable weights
@@ -124,6 +133,21 @@ def test_torchrun_two_processes_gloo_cpu(tmp_path, variant):
     assert any(not torch.equal(fresh.state_dict()[n], rank0[n]) for n in trainable)
     frozen = [n for n, p in fresh.named_parameters() if not p.requires_grad]
     assert all(torch.equal(fresh.state_dict()[n], rank0[n]) for n in frozen)
+
+
+def test_torchrun_resume_every_rank_continues_and_rank_zero_alone_writes(tmp_path):
+    """--resume True under torchrun: every rank loads models/last.pt (their weights agree after the resumed
+    epoch); only rank 0 takes the folder's lock and writes the pair, its record and last.pt."""
+    bundle = copy_bundle("lora_segmentation", tmp_path)
+    copy = BundleVariant(bundle)
+    out = _torchrun(tmp_path, bundle, copy, "--epochs", "1")
+    assert out.count("is in use by another run") == 0 and out.count("saved model.pt + adapter.pt") == 1
+    out = _torchrun(tmp_path, bundle, copy, "--epochs", "2", "--resume", "True")
+    assert out.count("resuming run") == 2 and out.count("epoch 1 of 2 done") == 2  # both ranks
+    _rank_weights_agree(bundle / "models")
+    state = torch.load(bundle / "models" / "last.pt", map_location="cpu", weights_only=True)
+    assert state["trainer"]["iteration"] == 2 * state["trainer"]["epoch_length"]
+    assert (bundle / "models" / "train.lock").read_text() == ""  # released
 
 
 def _domain_accuracy_rank(rank, port, out_dir):

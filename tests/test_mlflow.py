@@ -105,7 +105,9 @@ def test_mlflow_server_receives_params_metrics_config_and_adapter(mlflow_server,
     top = [a.path for a in client.list_artifacts(run.info.run_id)]
     configs = [p for p in top if p.startswith("config_") and p.endswith(".json")]
     assert configs, top
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "models")] == ["models/adapter.pt"]
+    # the adapter and the record of the save it belongs to (run, epoch, metric, checksums)
+    models = sorted(a.path for a in client.list_artifacts(run.info.run_id, "models"))
+    assert models == ["models/adapter.pt", "models/checkpoint.json"]
 
     dst = tmp_path / "download"
     dst.mkdir()

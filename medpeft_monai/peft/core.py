@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from medpeft_monai.backbones import FrozenBackbone, weights_fingerprint
+from medpeft_monai.checkpoint import checked_file
 from medpeft_monai.utils import atomic_path
 
 __all__ = [
@@ -506,6 +507,7 @@ def _read_payload(payload: dict[str, Any] | str | os.PathLike) -> tuple[dict[str
         source = str(payload)
         if not os.path.isfile(source):
             raise PeftError(f"Adapter file not found: {source}.")
+        checked_file(source)  # complete and, if a training run saved it, the file its checkpoint manifest records
         try:
             payload = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as err:  # truncated / not a torch file
