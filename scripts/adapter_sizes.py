@@ -139,8 +139,8 @@ Command (from the repository root; no training, no download):
 python scripts/adapter_sizes.py --out {args.out.as_posix()}
 ```
 
-`adapter.pt` is what `medpeft_monai.handlers.AdapterSaver` writes (trainable PEFT + head tensors, backbone
-name, PEFT config); `model.pt` is the full `network_def` state dict that `CheckpointSaver` writes. Sizes are
+`adapter.pt` is the adapter artefact `medpeft_monai.handlers.BundleCheckpointer` writes (trainable PEFT + head
+tensors, backbone name, PEFT config); `model.pt` is the full `network_def` state dict it writes beside it. Sizes are
 of `torch.save` output, float32, measured in one run (torch {torch.__version__}, {platform.python_implementation()}
 {platform.python_version()}). Weights do not change sizes, so random backbones stand in for pretrained ones.
 

@@ -256,7 +256,7 @@ class CrossModalSegmenter(nn.Module):
     ``present`` is not given, where its channel is all zeros (write a missing sequence as a zero channel).
     Output ``(B, num_classes, H, W)`` logits (or :class:`CrossModalOutput` with ``return_outputs=True``).
     The network's own adapter ``default`` (as in every network of the project) owns the prompts, ``mome``
-    and ``decoder``: it is what trains and what :class:`~medpeft_monai.handlers.AdapterSaver` writes
+    and ``decoder``: it is what trains and what :class:`~medpeft_monai.handlers.BundleCheckpointer` writes
     (``models/adapter.pt``); the modality LoRAs are separate, frozen adapters.
     """
 
