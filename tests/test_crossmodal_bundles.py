@@ -42,6 +42,8 @@ def test_one_stage1_artefact_serves_two_tasks_and_stays_bit_identical(tmp_path):
     payload = torch.load(artefact, map_location="cpu", weights_only=True)
     assert payload["name"] == "modality_mri" and payload["method"]["rank"] == 32
     assert all(".lora_" in n for n in payload["state_dict"])  # the LoRA only, no decoder or DINO head
+    record = json.loads((pre / "models" / "modality_lora_mri.json").read_text())  # its record, written last
+    assert list(record["files"]) == ["modality_lora_mri.pt"] and record["epoch"] == 2
 
     for label_key, classes, folder in (("label", 2, "models"), ("tissue", 4, "models/tissue")):
         run_bundle(seg, ["train.json"], "--epochs", "1", "--label_key", label_key, "--num_classes", str(classes),
