@@ -107,9 +107,11 @@ def _manifests(folder: str, pending: bool) -> list[tuple[str, dict]]:
         if not pending and os.path.basename(path).startswith("."):
             continue
         try:
+            if os.path.getsize(path) > 1 << 20:  # a large JSON (e.g. a datalist) is no record
+                continue
             with open(path, encoding="utf-8") as f:
                 record = json.load(f)
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # e.g. renamed by a live run meanwhile
             continue
         if isinstance(record, dict) and record.get("format") == CHECKPOINT_FORMAT:
             out.append((path, record))
