@@ -76,9 +76,9 @@ class StopOnNonFiniteLoss:
             return
         raise NonFiniteLossError(
             f"The training loss became {float(torch.as_tensor(loss).detach().float().mean())} at epoch "
-            f"{engine.state.epoch}, iteration {engine.state.iteration}; training stopped and nothing was saved by "
-            "this run (an earlier models/ folder is untouched). Check the training images for NaN or infinite "
-            "values, then lower the learning rate(s) or turn off AMP.")
+            f"{engine.state.epoch}, iteration {engine.state.iteration}; training stopped before anything of this "
+            "epoch was saved (models/ keeps the best model and last.pt of the epochs before). Check the training "
+            "images for NaN or infinite values, then lower the learning rate(s) or turn off AMP.")
 
 
 def output_items(output) -> list[dict]:
