@@ -158,11 +158,14 @@ def gram_matrix(feat: torch.Tensor) -> torch.Tensor:
 
 
 def style_loss(feats: list[torch.Tensor], target_grams: list[torch.Tensor]) -> torch.Tensor:
-    """Per-image Gram (style) loss ``sum_l mean_(i,j) (G_l(x) - G_l^target)^2``, shape ``(B,)``.
+    """Per-image Gram (style) loss, relative per level: ``sum_l mean (G_l(x) - G_l^t)^2 / mean (G_l^t)^2``, ``(B,)``.
 
-    ``target_grams``: one ``(C, C)`` (e.g. the mean over the target images) or ``(B, C, C)`` per level.
+    ``target_grams``: one ``(C, C)`` (e.g. the mean over the target images) or ``(B, C, C)`` per level. Dividing by
+    the target Gram's own size makes the loss independent of the encoder's feature scale (raw Gram differences of
+    a foundation encoder's features are ~1e-7), so one weight suits any encoder.
     """
-    return sum(((gram_matrix(f) - g) ** 2).flatten(1).mean(1) for f, g in zip(feats, target_grams))
+    return sum(((gram_matrix(f) - g) ** 2).flatten(1).mean(1) / (g**2).mean().clamp_min(1e-12)
+               for f, g in zip(feats, target_grams))
 
 
 def pyramid_alignment_loss(feats_a: list[torch.Tensor], feats_b: list[torch.Tensor]) -> torch.Tensor:

@@ -1,17 +1,21 @@
 """Shared by the benchmark scripts: command-line options, preset and device set-up, round-robin timing
-medians, device sync, CPU name."""
+medians, device sync, CPU name, running a bundle config in a subprocess."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["add_common_arguments", "classification_closures", "cpu_name", "interleaved", "setup", "sync"]
+__all__ = ["add_common_arguments", "bundle_run", "classification_closures", "cpu_name", "interleaved", "setup", "sync"]
 
 
 def sync(device: torch.device) -> None:
@@ -99,3 +103,16 @@ def setup(args: argparse.Namespace, presets: dict) -> tuple[dict, torch.device, 
             raise SystemExit("--device cuda but no CUDA device is available.")
         return cfg, device, torch.cuda.get_device_name(device)
     return cfg, device, cpu_name()
+
+
+def bundle_run(bundle: Path, configs: list[str], args: list[str], log: Path) -> float:
+    """Run a bundle config in a subprocess; returns the wall time (s); on failure prints the log's tail."""
+    files = [str(bundle / "configs" / c) for c in configs]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+           files[0] if len(files) == 1 else json.dumps(files), "--bundle_root", str(bundle), *args]
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        res = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
+    if res.returncode:
+        sys.exit(f"failed: {' '.join(cmd)}\n{log.read_text()[-3000:]}")
+    return time.perf_counter() - start

@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import bundle_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQUENCES = ("t1", "t2", "flair")
@@ -45,19 +46,6 @@ STAGE2 = [  # (row name, stage-1 variant or None, extra stage-2 overrides)
     ("full, no masked-modality training", "full", ["--modality_dropout", "0"]),
 ]
 SUBSETS = [s for k in (3, 2, 1) for s in itertools.combinations(SEQUENCES, k)]
-
-
-def bundle_run(bundle: Path, configs: list[str], args: list[str], log: Path) -> float:
-    """Run a bundle config in a subprocess; returns the wall time (s); on failure prints the log's tail."""
-    files = [str(bundle / "configs" / c) for c in configs]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-           files[0] if len(files) == 1 else json.dumps(files), "--bundle_root", str(bundle), *args]
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        res = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
-    if res.returncode:
-        sys.exit(f"failed: {' '.join(cmd)}\n{log.read_text()[-3000:]}")
-    return time.perf_counter() - start
 
 
 @torch.no_grad()

@@ -104,13 +104,36 @@ def write_stage1_artefact(pretrain_bundle: Path) -> Path:
     return path
 
 
+def write_identity_translations(bundle: Path) -> Path:
+    """What an ``mfmda_fundus`` translation run leaves, with the identity as translation: ``translated/datalist.json``
+    pairing every training/validation image with itself (``image`` = ``source``), so that stage 2 runs."""
+    from monai.bundle import ConfigParser
+
+    from medpeft_monai.data import load_datalist, write_datalist
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "train.json"))
+    parser["bundle_root"] = str(bundle)
+    datalist = parser.get_parsed_content("datalist")
+    sections = {s: [{**e, "source": e["image"]} for e in load_datalist(datalist, s)]
+                for s in ("training", "validation")}
+    return Path(write_datalist(parser.get_parsed_content("translated_datalist"), sections))
+
+
+#: bundles whose stage 2 reads a file their own earlier stages write, and how a test makes it
+OWN_STAGE1 = {"mfmda_fundus": write_identity_translations}
+
+
 def copy_bundle(name: str, dst_dir: Path) -> Path:
     """A copy of ``bundles/<name>`` in ``dst_dir`` without trained models or outputs. A bundle that reads a
-    stage-1 bundle's artefact gets that bundle beside it, with an artefact (:func:`write_stage1_artefact`)."""
+    stage-1 bundle's artefact gets that bundle beside it, with an artefact (:func:`write_stage1_artefact`); one
+    that reads its own stage-1 output gets it made (``OWN_STAGE1``)."""
     dst = dst_dir / name
-    shutil.copytree(ROOT / "bundles" / name, dst, ignore=shutil.ignore_patterns("models", "eval"))
+    shutil.copytree(ROOT / "bundles" / name, dst, ignore=shutil.ignore_patterns("models", "eval", "translated"))
     if name in STAGE1_BUNDLE and not (dst_dir / STAGE1_BUNDLE[name]).exists():
         write_stage1_artefact(copy_bundle(STAGE1_BUNDLE[name], dst_dir))
+    if name in OWN_STAGE1:
+        OWN_STAGE1[name](dst)
     return dst
 
 

@@ -7,9 +7,11 @@ Stage 1a trains MONAI's ``DiffusionModelUNet`` on source images with MONAI's own
   with the :class:`~medpeft_monai.nets.mfmda.InstanceAwareAdaptor`. Odd iterations: a source batch is noised
   to ``t ~ U[t_lo T, t_hi T)``, the one-step prediction ``x0_hat = (x_t - sqrt(1 - a_t) eps_hat) / sqrt(a_t)``
   is embedded by the frozen encoder ``f`` and pulled to ``f(x_src) + Delta`` (direction consistency,
-  ``L_dc = mean (f(x0_hat) - (f(x_src) + Delta))^2``) and to the target style (Gram loss against the mean
-  target Gram matrices), both weighted per image by ``w(t) = base^(t / T)``; plus the diffusion loss on a
-  target batch. Even iterations: the diffusion loss on a target batch with ``t < t_lo T`` (fine detail).
+  ``L_dc = ||f(x0_hat) - (f(x_src) + Delta)||^2 / ||Delta_static||^2``: the paper's squared error, divided by the
+  size of the domain gap so that it starts near 1 whatever the encoder's feature scale) and to the target style
+  (relative Gram loss against the mean target Gram matrices, :func:`~medpeft_monai.losses.style_loss`), both
+  weighted per image by ``w(t) = base^(t / T)``; plus the diffusion loss on a target batch. Even iterations: the
+  diffusion loss on a target batch with ``t < t_lo T`` (fine detail).
 * :func:`translate` / :func:`translate_datalist`: source -> target by partial noising to ``t0 = strength T``
   and deterministic DDIM denoising; while ``t > guidance_until T`` the low frequencies of the sample
   (``lowpass``: ``factor`` x average-pool down, bilinear up) are replaced by those of the source noised to the
@@ -201,7 +203,8 @@ class TargetAdaptationTrainer(SupervisedTrainer):
             f_hat, levels = engine.encoder(x0_hat)
             delta = engine.adaptor(f_src)
             weight = engine.time_weight_base ** (t.float() / n_t)
-            per_dc = ((f_hat - (f_src + delta)) ** 2).mean(1)
+            scale = (engine.adaptor.static_direction ** 2).sum().clamp_min(1e-12)
+            per_dc = ((f_hat - (f_src + delta)) ** 2).sum(1) / scale
             per_style = style_loss(levels, engine.target_grams)
             loss_dc, loss_style = (weight * per_dc).mean(), (weight * per_style).mean()
             loss_diff = engine._diffusion_loss(x_tgt, n_t)
