@@ -36,7 +36,7 @@ __all__ = [
     "simulate_ultrasound",
 ]
 
-_VERSION = 3  # bump when a builder's output changes: older caches are rebuilt
+_VERSION = 4  # bump when a builder's output changes: older caches are rebuilt
 
 # ----------------------------------------------------------------------------------------------
 # small I/O helpers
@@ -609,8 +609,8 @@ _FUNDUS_STYLES = {
         "gain": 1.0,
         "vignette": 0.35,
         "gradient": (0.0, 0.2),
-        "disc": (1.0, 0.80, 0.55),
-        "cup": (1.0, 0.94, 0.80),
+        "disc": (0.95, 0.62, 0.42),  # the neuroretinal rim: orange-pink
+        "cup": (1.0, 0.95, 0.85),  # the cup: pale, the brightest part of the disc
         "vessel": (0.50, 0.10, 0.06),
         "noise": 0.02,
         "blur": 0.0,
@@ -624,8 +624,8 @@ _FUNDUS_STYLES = {
         "gain": 0.80,
         "vignette": 0.60,
         "gradient": (0.15, 0.45),
-        "disc": (0.90, 0.78, 0.62),
-        "cup": (0.93, 0.84, 0.72),
+        "disc": (0.82, 0.60, 0.46),
+        "cup": (0.93, 0.86, 0.74),
         "vessel": (0.38, 0.12, 0.10),
         "noise": 0.035,
         "blur": 1.2,
@@ -787,7 +787,8 @@ synthetic; do not report results on it as results on real fundus photographs.
   of view (radius 0.48 S); orange-red background with quadratic radial illumination fall-off,
   a random linear illumination gradient and smooth low-frequency texture; an elliptical disc
   (vertical semi-axis 0.10-0.14 S, aspect 0.85-1.0, centre within +-0.12 S of the image centre,
-  rotation +-0.3 rad) with a brighter elliptical cup (vertical cup/disc ratio 0.3-0.7, small offset);
+  rotation +-0.3 rad) whose rim is orange-pink, with a pale, brighter elliptical cup (vertical cup/disc
+  ratio 0.3-0.7, small offset), as the cup's pallor in real photographs;
   4-6 dark-red vessels leave the cup as random walks with tapering width and up to two levels of
   branching; Gaussian noise. Style parameters (source / target):
   {json.dumps(_FUNDUS_STYLES)}
