@@ -748,3 +748,29 @@ def test_psst_views_flip_left_right_only():
 
     flips = [t.flipper.spatial_axis for t in psst_transforms((16, 16)).transforms if isinstance(t, RandFlipd)]
     assert flips == [0, 0]  # one per view, the first (left-right) spatial axis, as the "anatomy" preset
+
+
+def test_native_spatial_mode_crops_for_training_and_keeps_the_grid_for_evaluation(tmp_path):
+    """``spatial="native"``: training takes one random image_size crop of image and label together (no resize, so
+    the crop's pixels are the file's own), evaluation keeps the whole grid and pads only a side shorter than
+    image_size; ``"resize"`` still resizes, and an unknown mode is refused."""
+    rows, cols = np.meshgrid(np.arange(100), np.arange(70), indexing="ij")
+    data = (rows * 1000 + cols).astype(np.float32)  # every pixel unique: a crop is found by its corner value
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "image.nii.gz"))
+    nib.save(nib.Nifti1Image((rows % 3).astype(np.uint8), np.eye(4)), str(tmp_path / "label.nii.gz"))
+    item = {"image": str(tmp_path / "image.nii.gz"), "label": str(tmp_path / "label.nii.gz")}
+    kwargs = dict(image_size=(32, 32), intensity="zscore", num_classes=3, augmentation="none", spatial="native")
+    train = segmentation_transforms("train", **kwargs)
+    train.set_random_state(0)
+    for _ in range(3):
+        out = train(item)
+        assert out["image"].shape == out["label"].shape == (1, 32, 32)
+        image = out["image"][0] * float(np.std(data)) + float(np.mean(data))  # undo the z-score
+        r0, c0 = divmod(int(round(float(image[0, 0]))), 1000)
+        np.testing.assert_allclose(image.numpy(), data[r0:r0 + 32, c0:c0 + 32], atol=0.5)
+        assert torch.equal(out["label"][0], torch.as_tensor(rows[r0:r0 + 32, c0:c0 + 32] % 3).float())
+    evaluated = segmentation_transforms("eval", **{**kwargs, "image_size": (32, 80)})(item)
+    assert evaluated["image"].shape == evaluated["label"].shape == (1, 100, 80)  # 70 columns padded to 80
+    assert segmentation_transforms("eval", **{**kwargs, "spatial": "resize"})(item)["image"].shape == (1, 32, 32)
+    with pytest.raises(ValueError, match="spatial must be one of"):
+        segmentation_transforms("eval", spatial="tile")

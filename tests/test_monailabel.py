@@ -257,3 +257,38 @@ def test_non_finite_image_is_an_error_not_a_blank_label(tmp_path):
         chain.append(str(e))
         e = e.__cause__ or e.__context__
     assert any("nan_image.nii.gz holds 1 NaN or infinite value(s)" in c for c in chain), chain[:3]
+
+
+def test_conf_spatial_native_serves_sliding_windows_on_the_image_grid(tmp_path):
+    """``--conf spatial native``: the served model tiles a 200 x 150 image with image_size windows (12, never one
+    resized image) and the label comes back on the image's grid and affine."""
+    require_monailabel()
+    import torch
+
+    from medpeft_monai.nets import PeftSegmenter
+
+    label_app = load_app_module()
+    copy = BundleVariant(copy_bundle(TINY_BUNDLE, tmp_path / "bundles"))
+    tiny_preset(copy.bundle, "inference.json")
+    trained_like_checkpoint(copy, copy.model_file, **TINY_PRESET)
+    image = tmp_path / "large.nii.gz"
+    affine = np.diag([0.5, 0.75, 2.0, 1.0])
+    affine[:3, 3] = (4.0, -3.0, 1.0)
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((200, 150)).astype(np.float32), affine), str(image))
+    with pytest.raises(ValueError, match="spatial must be 'resize' or 'native'"):
+        label_app.SegmentationBundleInfer(copy, {"spatial": "tiles"})
+    task = label_app.SegmentationBundleInfer(copy, {"spatial": "native", "sw_batch_size": "3"})
+    seen = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda m, args: seen.append(tuple(args[0].shape)) if isinstance(m, PeftSegmenter) else None)
+    try:
+        result_file, _ = task({"image": str(image), "device": "cpu"})
+    finally:
+        hook.remove()
+    try:
+        assert {s[2:] for s in seen} == {(64, 64)} and sum(s[0] for s in seen) == 12 and max(s[0] for s in seen) <= 3
+        shape, pred_affine, _ = read_grid(result_file)
+        assert shape == (200, 150)
+        np.testing.assert_allclose(pred_affine, affine, atol=1e-5)
+    finally:
+        os.remove(result_file)

@@ -26,9 +26,11 @@ from monai.transforms import (
     RandGaussianNoised,
     Randomizable,
     RandRotate90d,
+    RandSpatialCropd,
     Resized,
     ResizeWithPadOrCropd,
     ScaleIntensityd,
+    SpatialPadd,
 )
 from monai.transforms.inverse import InvertibleTransform
 
@@ -41,6 +43,7 @@ __all__ = [
     "MatchChannelsd",
     "NestedRegionsd",
     "RandChannelSelectd",
+    "SPATIAL_MODES",
     "nested_regions_to_label",
     "stack_images",
     "classification_transforms",
@@ -50,6 +53,8 @@ __all__ = [
 ]
 
 _MODES = ("train", "eval", "infer")
+#: how images reach the network's ``image_size`` in :func:`segmentation_transforms`
+SPATIAL_MODES = ("resize", "native", "pad_crop")
 logger = logging.getLogger(__name__)
 
 
@@ -302,7 +307,18 @@ def segmentation_transforms(
         keys: ``(image_key, label_key)``.
         num_channels: if set, images are brought to this many channels (see ``MatchChannelsd``).
         intensity: ``"scale"`` (min-max to [0, 1]) or ``"zscore"`` (per channel).
-        spatial: ``"resize"`` (image interpolated, label nearest) or ``"pad_crop"`` (centre pad/crop).
+        spatial: how an image reaches the network's ``image_size``:
+
+            * ``"resize"`` (default): the whole image is interpolated to ``image_size`` (label nearest) in every
+              mode; the field of view is the whole image and a sliding window over it is a single window.
+            * ``"native"``: the image keeps its own grid. ``train`` takes one random ``image_size`` crop per
+              item (after zero-padding any side shorter than ``image_size``); ``eval`` and ``infer`` only
+              zero-pad sides shorter than ``image_size`` (symmetrically; ``Invertd`` crops it off), so MONAI's
+              ``SlidingWindowInferer(roi_size=image_size)`` tiles the whole native grid: masks and Dice
+              are on each image's own grid (for an image smaller than ``image_size``, Dice also counts the
+              padding). Train and infer with the same mode: a network trained on
+              resized whole images sees another scale on native windows.
+            * ``"pad_crop"``: centre pad/crop to ``image_size`` in every mode.
         num_classes: if set, labels outside ``0 .. num_classes - 1`` are refused naming the file
             (:class:`CheckLabelRanged`).
         nonfinite: NaN/Inf pixels in an image: ``"error"`` (refused naming the file) or ``"zero"`` (set to 0,
@@ -334,10 +350,14 @@ def segmentation_transforms(
         modes = [_interp(size)] * len(images) + (["nearest"] if label_key else [])
         anti = [True] * len(images) + ([False] if label_key else [])
         xforms.append(Resized(keys=all_keys, spatial_size=size, mode=modes, anti_aliasing=anti))
+    elif spatial == "native":
+        xforms.append(SpatialPadd(keys=all_keys, spatial_size=size))  # only sides shorter than image_size
+        if mode == "train":
+            xforms.append(RandSpatialCropd(keys=all_keys, roi_size=size, random_size=False))
     elif spatial == "pad_crop":
         xforms.append(ResizeWithPadOrCropd(keys=all_keys, spatial_size=size))
     else:
-        raise ValueError(f"spatial must be 'resize' or 'pad_crop', got {spatial!r}.")
+        raise ValueError(f"spatial must be one of {SPATIAL_MODES}, got {spatial!r}.")
     if augmentation not in ("anatomy", "free", "none"):
         raise ValueError(f"augmentation must be 'anatomy', 'free' or 'none', got {augmentation!r}.")
     if mode == "train" and augmentation != "none":

@@ -22,6 +22,11 @@ Options (``--conf <key> <value>``):
         ``./bundles``).
     models: comma-separated model names to serve, or ``all`` (default).
     preload: ``true`` to build the networks at start-up instead of on the first request.
+    spatial: ``resize`` or ``native``, for every served model: how an image reaches the network (default: each
+        variant's inference config, ``"spatial": "resize"`` in this project's bundles). ``native`` keeps the
+        image's grid and tiles it with ``SlidingWindowInferer(roi_size=image_size)``; serve it only for a model
+        trained with ``--spatial native`` (see ``medpeft_monai.data.transforms.segmentation_transforms``).
+    sw_batch_size: windows per forward pass of the sliding window (default: the inference config's, 4).
 
 ``monailabel start_server`` creates ``model/``, ``lib/``, ``logs/`` and ``bin/`` folders inside the
 app folder; they hold nothing this app needs.
@@ -81,6 +86,19 @@ def segmentation_models(bundles_dir: str | os.PathLike, names: str = "all") -> d
     return found
 
 
+def config_overrides(conf: dict[str, str]) -> dict:
+    """The inference-config values that the app's ``--conf`` options set: ``spatial``, ``sw_batch_size``."""
+    out: dict = {}
+    if conf.get("spatial"):
+        spatial = conf["spatial"].strip().lower()
+        if spatial not in ("resize", "native"):
+            raise ValueError(f"--conf spatial must be 'resize' or 'native', got {conf['spatial']!r}.")
+        out["spatial"] = spatial
+    if conf.get("sw_batch_size"):
+        out["sw_batch_size"] = int(conf["sw_batch_size"])
+    return out
+
+
 class VariantConstants(BundleConstants):
     """MONAI Label's bundle file names, pointed at one variant's inference config, metadata and weights."""
 
@@ -112,10 +130,17 @@ class SegmentationBundleInfer(BundleInferTask):
     """
 
     def __init__(self, variant: BundleVariant, conf: dict[str, str]) -> None:
+        self._overrides = config_overrides(conf)
         super().__init__(str(variant.bundle), conf, const=VariantConstants(variant), type="segmentation",
                          load_strict=True)
         if self.is_valid():
             self._config["model_filename"] = [variant.model_file.name]
+
+    def _load_bundle_config(self, path, config):
+        parser = super()._load_bundle_config(path, config)
+        for key, value in self._overrides.items():
+            parser[key] = value
+        return parser
 
     def post_transforms(self, data=None):
         post = list(super().post_transforms(data))

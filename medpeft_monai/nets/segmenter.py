@@ -6,7 +6,9 @@ full-resolution logits.
 
 Volumes (``spatial_dims=3``, input ``(B, C, H, W, D)``) are segmented slice by slice along the last
 axis. Inputs larger than the backbone's ``image_size`` go through MONAI's
-``SlidingWindowInferer(roi_size=image_size)`` (``(*image_size, n_slices)`` for volumes).
+``SlidingWindowInferer(roi_size=image_size)`` (``(*image_size, n_slices)`` for volumes): the bundles'
+``spatial="native"`` (see :func:`medpeft_monai.data.transforms.segmentation_transforms`); their default
+``"resize"`` resizes the whole image to ``image_size`` instead.
 """
 
 from __future__ import annotations
