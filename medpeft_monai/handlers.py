@@ -43,6 +43,8 @@ __all__ = [
     "AtomicMetricsSaver",
     "DomainOutputs",
     "PredictionWriter",
+    "SkippedImagesError",
+    "SkippedItemsReport",
     "output_items",
     "random_state",
     "scores_and_labels",
@@ -545,3 +547,55 @@ class DomainOutputs:
         batch = engine.state.batch
         if isinstance(batch, dict) and self.domain_key in batch:
             out["domain_id"] = torch.as_tensor(as_plain_tensor(batch[self.domain_key])).view(-1)
+
+
+class SkippedImagesError(RuntimeError):
+    """An inference run skipped datalist items whose image could not be read or preprocessed."""
+
+
+class SkippedItemsReport:
+    """The end of an inference run over a :class:`medpeft_monai.data.SkippingDataset`: the datalist items that
+    never reached the network (their loading or preprocessing failed and was logged) are listed in an error
+    log and in a :class:`SkippedImagesError` raised at ``COMPLETED``, after every other item was processed and
+    written, so the run exits non-zero and its last lines name the files and the fix.
+
+    Attach it last (after the writers whose files are written at ``COMPLETED``). The items that were processed
+    are recognised by the dataset's ``index_key`` in each batch, so workers do not hide a skipped file.
+    """
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+        self.seen: set[int] = set()
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda e: self.seen.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.COMPLETED, self.report)
+
+    def collect(self, engine: Engine) -> None:
+        key = self.dataset.index_key
+        batch = engine.state.batch
+        items = batch if isinstance(batch, list) else [batch]
+        for item in items:
+            if isinstance(item, dict) and key in item:
+                self.seen.update(int(i) for i in torch.as_tensor(as_plain_tensor(item[key])).view(-1).tolist())
+
+    def skipped(self) -> list[int]:
+        return [i for i in range(len(self.dataset.data)) if i not in self.seen]
+
+    def report(self, engine: Engine | None = None) -> None:
+        from medpeft_monai.data.datasets import item_files
+
+        missing = self.skipped()
+        if not missing:
+            return
+        total = len(self.dataset.data)
+        lines = [f"  {item_files(self.dataset.data[i])}: "
+                 f"{self.dataset.skipped.get(i, 'failed in a DataLoader worker, see the error logged above')}"
+                 for i in missing]
+        message = (f"{len(missing)} of {total} datalist item(s) could not be read or preprocessed and were skipped; "
+                   f"the other {total - len(missing)} were processed and their outputs written:\n" + "\n".join(lines)
+                   + "\nFix: repair or replace these files (or remove their entries from the datalist) and run them "
+                   "again; --on_error stop stops the run at the first such file instead.")
+        logger.error(message)
+        raise SkippedImagesError(message)

@@ -12,7 +12,7 @@ from monai.transforms import LoadImage
 from PIL import Image
 
 from medpeft_monai.data import load_datalist
-from tests.conftest import TINY_PRESET, VARIANTS, perturb_trainable
+from tests.conftest import TINY_ARGS, TINY_PRESET, VARIANTS, perturb_trainable
 
 SEG_VARIANTS = [v for v in VARIANTS if v.output_format() == "segmentation"]
 #: per bundle, a tiny preset other than TINY_PRESET (window prompts need a Hiera; no stage-1 modality LoRA)
@@ -53,25 +53,32 @@ def grid(path: str) -> tuple[tuple[int, ...], np.ndarray]:
     return tuple(img.shape[1:]), np.asarray(img.affine)
 
 
-def run_inference(variant, tmp_path, image: str, spatial: str) -> tuple[list[tuple[int, ...]], str]:
-    """Run the variant's inference config (tiny preset, weights moved off their init) on ``image``; the input
-    shapes the network saw, and the mask file."""
+def inference_parser(variant, tmp_path, items: list[dict], out_dir, **overrides) -> ConfigParser:
+    """The variant's inference config (tiny preset) on datalist ``items``, with weights moved off their init saved
+    to ``tmp_path/model.pt``."""
     parser = ConfigParser()
     parser.read_config(str(variant.config("inference")))
     parser["bundle_root"] = str(variant.bundle)
-    for key, value in PRESET.get(variant.bundle.name, TINY_PRESET).items():
+    for key, value in {**PRESET.get(variant.bundle.name, TINY_PRESET), **overrides}.items():
         parser[key] = value
-    parser["spatial"] = spatial
-    parser["test_datalist"] = [{"image": image}]
-    parser["output_dir"] = str(tmp_path / f"out_{spatial}")
+    parser["test_datalist"] = items
+    parser["output_dir"] = str(out_dir)
     parser["ckpt_path"] = str(tmp_path / "model.pt")
     parser["device"] = "cpu"
-    torch.save(perturb_trainable(parser.get_parsed_content("network_def", lazy=False)).state_dict(),
-               tmp_path / "model.pt")
+    if not (tmp_path / "model.pt").is_file():
+        torch.save(perturb_trainable(parser.get_parsed_content("network_def", lazy=False)).state_dict(),
+                   tmp_path / "model.pt")
+    return parser
+
+
+def run_inference(variant, tmp_path, image: str, spatial: str) -> tuple[list[tuple[int, ...]], str]:
+    """Run the variant's inference config on ``image``; the input shapes the network saw, and the mask file."""
+    out_dir = tmp_path / f"out_{spatial}"
+    parser = inference_parser(variant, tmp_path, [{"image": image}], out_dir, spatial=spatial)
     seen = []
     parser.get_parsed_content("network").register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
     parser.get_parsed_content("evaluator").run()
-    masks = [p for p in (tmp_path / f"out_{spatial}").rglob("*_seg.*")]
+    masks = [p for p in out_dir.rglob("*_seg.*")]
     assert len(masks) == 1, masks
     return seen, str(masks[0])
 
@@ -117,3 +124,71 @@ def test_native_inference_pads_a_side_shorter_than_image_size(tmp_path):
     assert {s[2:] for s in seen} == {(ROI, ROI)} and sum(s[0] for s in seen) == 3
     assert grid(mask)[0] == (40, 150)
     np.testing.assert_allclose(grid(mask)[1], grid(str(path))[1])
+
+
+def test_inference_skips_an_unreadable_image_and_reports_it_at_the_end(tmp_path):
+    """A truncated NIfTI and a truncated PNG among good images: the good ones get their masks, each bad one is logged
+    as it is skipped, and the run ends non-zero with the list of skipped files and the fix as its last lines."""
+    import json
+    import subprocess
+    import sys
+
+    from medpeft_monai.utils import BundleVariant
+    from tests.conftest import copy_bundle, trained_like_checkpoint
+
+    bundle = copy_bundle("lora_segmentation", tmp_path)
+    trained_like_checkpoint(BundleVariant(bundle), bundle / "models" / "model.pt", **TINY_PRESET)
+    items = _good_and_truncated_images(tmp_path / "data")
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"test": items}))
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
+           "--bundle_root", str(bundle), "--datalist", str(datalist), *TINY_ARGS]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    log = res.stdout + res.stderr
+    assert res.returncode != 0, log[-3000:]
+    assert sorted(p.name for p in (bundle / "eval").iterdir()) == ["a_seg.nii.gz", "c_seg.nii.gz", "d_seg.nii.gz"]
+    for bad in ("b_truncated.nii.gz", "e_truncated.png"):  # logged when skipped, naming the file and the fix
+        assert any("skipped datalist item" in line and bad in line and "remove its entry from the datalist" in line
+                   for line in log.splitlines()), log[-3000:]
+    tail = res.stderr.strip().splitlines()
+    assert tail[-4].startswith("SkippedImagesError: 2 of 5 datalist item(s) could not be read"), tail[-4]
+    assert items[1]["image"] in tail[-3] and items[3]["image"] in tail[-2]
+    assert "Could not read" in tail[-3] and "Could not read" in tail[-2]
+    assert tail[-1].endswith("--on_error stop stops the run at the first such file instead.")
+
+
+def _good_and_truncated_images(folder) -> list[dict]:
+    """Datalist items: good NIfTI, truncated NIfTI, good NIfTI, truncated PNG, good PNG (64 x 64, 1 channel)."""
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    for name in ("a", "c"):
+        nib.save(nib.Nifti1Image(rng.random((64, 64)).astype(np.float32), np.eye(4)), str(folder / f"{name}.nii.gz"))
+    (folder / "b_truncated.nii.gz").write_bytes((folder / "a.nii.gz").read_bytes()[:300])
+    Image.fromarray((rng.random((64, 64)) * 255).astype(np.uint8)).save(folder / "d.png")
+    (folder / "e_truncated.png").write_bytes((folder / "d.png").read_bytes()[:200])
+    return [{"image": str(folder / n)} for n in ("a.nii.gz", "b_truncated.nii.gz", "c.nii.gz", "e_truncated.png",
+                                                 "d.png")]
+
+
+def test_skipped_images_are_reported_with_dataloader_workers_and_on_error_stop_stops(tmp_path):
+    """With DataLoader workers (the skip happens in a worker process) the report still lists both files; with
+    ``on_error="stop"`` the first bad file stops the run, as MONAI's Dataset does."""
+    from medpeft_monai.handlers import SkippedImagesError
+
+    variant = next(v for v in SEG_VARIANTS if v.name == "lora_segmentation")
+    items = _good_and_truncated_images(tmp_path / "data")
+    parser = inference_parser(variant, tmp_path, items, tmp_path / "out_workers", **{"dataloader#num_workers": 2})
+    with pytest.raises(SkippedImagesError, match="2 of 5 datalist item") as err:
+        parser.get_parsed_content("evaluator").run()
+    assert items[1]["image"] in str(err.value) and items[3]["image"] in str(err.value)
+    assert len(list((tmp_path / "out_workers").iterdir())) == 3
+
+    parser = inference_parser(variant, tmp_path, items, tmp_path / "out_stop", on_error="stop")
+    with pytest.raises(Exception) as err:
+        parser.get_parsed_content("evaluator").run()
+    chain, e = [], err.value
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    assert any("b_truncated.nii.gz" in c and "Could not read" in c for c in chain), chain
+    assert [p.name for p in (tmp_path / "out_stop").iterdir()] == ["a_seg.nii.gz"]

@@ -1,6 +1,7 @@
 """Datalists, offline sample data sets and MONAI transform presets."""
 
 from .datalist import DatalistError, datalist_domains, load_datalist, training_subset, write_datalist
+from .datasets import SkippingDataset
 from .sample_data import (
     SAMPLE_DATASETS,
     sample_data_root,
@@ -22,6 +23,7 @@ __all__ = [
     "DomainEpisodeSampler",
     "DropTrailingSingletond",
     "MatchChannelsd",
+    "SkippingDataset",
     "classification_transforms",
     "datalist_domains",
     "load_datalist",
