@@ -42,6 +42,7 @@ __all__ = [
     "StopOnNonFiniteLoss",
     "AtomicMetricsSaver",
     "DomainOutputs",
+    "LabelClassesCheck",
     "PredictionWriter",
     "SkippedImagesError",
     "SkippedItemsReport",
@@ -599,3 +600,68 @@ class SkippedItemsReport:
                    "again; --on_error stop stops the run at the first such file instead.")
         logger.error(message)
         raise SkippedImagesError(message)
+
+
+def _label_checks(transform) -> list:
+    """The :class:`~medpeft_monai.data.transforms.CheckLabelRanged` inside a (nested) ``Compose``."""
+    from medpeft_monai.data.transforms import CheckLabelRanged
+
+    if isinstance(transform, CheckLabelRanged):
+        return [transform]
+    found = []
+    for t in getattr(transform, "transforms", None) or []:
+        found += _label_checks(t)
+    return found
+
+
+class LabelClassesCheck:
+    """A warning (not an error) when the training labels use fewer classes than ``num_classes``: the network then
+    learns output channels for classes that never occur (their Dice is empty or 0), usually because
+    ``num_classes`` was set too high or labels were remapped.
+
+    Reads what the :class:`~medpeft_monai.data.transforms.CheckLabelRanged` of the training ``transform`` recorded:
+    at ``STARTED`` when every training label was already checked (the bundles' ``CacheDataset``), else after the
+    run's first epoch (labels loaded in DataLoader workers are not seen; then nothing is reported). The warning
+    names the values found, the number of label files and the fix (``option``: the bundle's setting). Rank 0 only.
+    """
+
+    def __init__(self, transform, option: str = "--num_classes") -> None:
+        self.checks = _label_checks(transform)
+        self.option = option
+        self.done = False
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.report)
+
+    def started(self, engine: Engine) -> None:
+        self.done = False
+        try:
+            n = len(engine.data_loader.dataset)
+        except (AttributeError, TypeError):
+            return
+        if self.checks and all(c.labels_seen >= n for c in self.checks):
+            self.report(engine)
+
+    def report(self, engine: Engine | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        if get_rank() != 0:
+            return
+        for check in self.checks:
+            if not check.labels_seen:
+                logger.info("num_classes check: no training label was checked in this process (DataLoader workers?)")
+                continue
+            unused = check.unused_classes()
+            if not unused:
+                continue
+            present = check.classes_present()
+            top = max(present) if present else 0
+            fix = (f"if these labels are complete, set {self.option} {top + 1} (background included)"
+                   if top + 1 < check.num_classes else "check the label values (a class between them never occurs)")
+            logger.warning(
+                f"The training labels ({check.labels_seen} label files) hold the class values {present}, but "
+                f"num_classes={check.num_classes}: class(es) {unused} never occur, so their output channels learn "
+                f"only 'absent' and their Dice is empty (or 0). Fix: {fix}; otherwise add training images "
+                "that show these classes.")

@@ -774,3 +774,49 @@ def test_native_spatial_mode_crops_for_training_and_keeps_the_grid_for_evaluatio
     assert segmentation_transforms("eval", **{**kwargs, "spatial": "resize"})(item)["image"].shape == (1, 32, 32)
     with pytest.raises(ValueError, match="spatial must be one of"):
         segmentation_transforms("eval", spatial="tile")
+
+
+def test_num_classes_above_the_training_labels_is_a_warning_naming_the_values_and_the_fix(tmp_path, caplog):
+    """Labels 0..1 with num_classes=4: a warning (not an error) naming the values found, the classes that never
+    occur and the fix; labels that use every class say nothing. Every segmentation bundle's training wires it."""
+    import logging
+
+    from monai.bundle import ConfigParser
+
+    from medpeft_monai.handlers import LabelClassesCheck
+    from tests.conftest import ROOT
+
+    items = []
+    for i in range(2):
+        nib.save(nib.Nifti1Image(np.random.rand(16, 16).astype(np.float32), np.eye(4)), str(tmp_path / f"i{i}.nii.gz"))
+        label = np.zeros((16, 16), np.uint8)
+        label[4:8, 4:8] = 1
+        nib.save(nib.Nifti1Image(label, np.eye(4)), str(tmp_path / f"l{i}.nii.gz"))
+        items.append({"image": str(tmp_path / f"i{i}.nii.gz"), "label": str(tmp_path / f"l{i}.nii.gz")})
+    for num_classes, expected in ((4, "hold the class values [0, 1], but num_classes=4: class(es) [2, 3] never occur"),
+                                  (2, None)):
+        xform = segmentation_transforms("train", image_size=(16, 16), num_classes=num_classes)
+        for item in items:
+            xform(item)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="medpeft_monai.handlers"):
+            LabelClassesCheck(xform).report()
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        if expected is None:
+            assert not warnings
+        else:
+            assert len(warnings) == 1 and expected in warnings[0] and "(2 label files)" in warnings[0]
+            assert "Fix: if these labels are complete, set --num_classes 2" in warnings[0]
+
+    bundles = {"lora_segmentation": "train.json", "dka_segmentation": "train.json", "mfmda_fundus": "train.json",
+               "crossmodal_segmentation": "train.json", "dcrm_vit_multidomain": "train_seg.json"}
+    for bundle, config in bundles.items():
+        parser = ConfigParser()
+        parser.read_config(str(ROOT / "bundles" / bundle / "configs" / config))
+        targets = [h.get("_target_") for h in parser["train"]["handlers"]]
+        index = targets.index("medpeft_monai.handlers.LabelClassesCheck")
+        parser["train#handlers"] = [parser[f"train#handlers#{index}"]]  # build this handler alone
+        if "source_key" in parser:  # mfmda_fundus: read from the translated datalist, which is not made here
+            parser["source_key"] = None
+        check = parser.get_parsed_content("train#handlers#0")
+        assert len(check.checks) == 1 and check.option in ("--num_classes", "--label_classes"), bundle

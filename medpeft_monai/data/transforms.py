@@ -8,6 +8,7 @@ Bundle configs call them as expressions, for example::
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -146,13 +147,46 @@ class CheckFinited(MapTransform):
 
 class CheckLabelRanged(MapTransform):
     """Refuse a label map with values outside ``0 .. num_classes - 1`` (or not whole numbers), naming the file,
-    the value found and the fix, instead of a one-hot ``index out of bounds`` deep inside the loss."""
+    the value found and the fix, instead of a one-hot ``index out of bounds`` deep inside the loss.
+
+    It also records which classes the labels it passed hold (one ``bincount`` per label): :meth:`unused_classes`
+    gives the classes none of them holds, which :class:`medpeft_monai.handlers.LabelClassesCheck` reports as a
+    warning when ``num_classes`` is larger than the training labels need. Only the labels checked in this
+    process count (the bundles cache their training set in the main process).
+    """
 
     def __init__(self, keys: KeysCollection, num_classes: int, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         if int(num_classes) < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
         self.num_classes = int(num_classes)
+        self.labels_seen = 0
+        self._present = torch.zeros(self.num_classes, dtype=torch.bool)
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:  # picklable for DataLoader workers (a lock is not)
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def classes_present(self) -> list[int]:
+        """The class values found in the labels checked so far."""
+        return [int(c) for c in torch.nonzero(self._present).flatten()]
+
+    def unused_classes(self) -> list[int]:
+        """The classes of ``0 .. num_classes - 1`` that no label checked so far holds."""
+        return [c for c in range(self.num_classes) if not bool(self._present[c])]
+
+    def _record(self, label: torch.Tensor) -> None:
+        flat = label.as_subclass(torch.Tensor).detach().flatten().to("cpu", torch.int64)
+        present = torch.bincount(flat, minlength=self.num_classes)[: self.num_classes] > 0
+        with self._lock:
+            self._present |= present
+            self.labels_seen += 1
 
     def __call__(self, data: Mapping) -> dict:
         for key in self.key_iterator(data):
@@ -167,6 +201,7 @@ class CheckLabelRanged(MapTransform):
             if not bool(torch.equal(label, label.round())):
                 raise ValueError(f"Label {_file_name(data[key])} holds non-integer values; a label map must hold "
                                  "class indices. Fix: save the labels as integers (nearest-neighbour resampling).")
+            self._record(label)
         return dict(data)
 
 
