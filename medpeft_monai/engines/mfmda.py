@@ -77,9 +77,13 @@ class StageSaver:
         engine.add_event_handler(Events.COMPLETED, lambda _: save_stage(self.path, **self.modules))
 
 
-def load_stage(path: str | os.PathLike, fix: str, **modules: nn.Module) -> str:
-    """Load a :func:`save_stage` artefact into ``modules`` (by name), strictly; a missing file or one written for
-    another architecture is an error naming the file and ``fix`` (the stage or option to run)."""
+def load_stage(path: str | os.PathLike, fix: str, **modules: nn.Module) -> dict[str, nn.Module]:
+    """Load a :func:`save_stage` artefact into ``modules`` (by name), strictly, and return them; a missing file or
+    one written for another architecture is an error naming the file and ``fix`` (the stage or option to run).
+
+    Bundle configs build their network through it (``"network": "$...load_stage(path, fix, unet=...)['unet']"``),
+    so the weights are part of the network's definition, not of an ``initialize`` list a command line may replace.
+    """
     from medpeft_monai.utils import require_file
 
     state = torch.load(require_file(path, fix), map_location="cpu", weights_only=True)
@@ -93,7 +97,7 @@ def load_stage(path: str | os.PathLike, fix: str, **modules: nn.Module) -> str:
             raise ValueError(f"{path} was written for another {name} architecture than this config builds "
                              f"({str(err).splitlines()[0]} ...). Fix: use the same network settings as the run that "
                              f"wrote it, or {fix}.") from err
-    return os.fspath(path)
+    return modules
 
 
 def predict_x0(scheduler, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
