@@ -174,3 +174,108 @@ def test_dice_convention_is_one_documented_switch(bundle):
         assert all(m.metric_fn.ignore_empty is value for m in metrics)
     text = (ROOT / "docs" / "reliability.md").read_text()
     assert "dice_ignore_empty" in text
+
+
+class _LevelNet(torch.nn.Module):
+    """Stand-in for a trained network that reads the class off the image's intensity (class ``c`` is drawn at
+    ``c / (levels - 1)``): softmax logits per class, or (``nested``) disc / cup logits above 0.25 / 0.75."""
+
+    def __init__(self, levels: int, nested: bool = False) -> None:
+        super().__init__()
+        self.levels, self.nested = levels, nested
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x0 = x[:, :1]
+        if self.nested:
+            return torch.cat([100 * (x0 - (r + 0.5) / 2) for r in range(2)], 1)
+        return torch.cat([-100 * (x0 - c / (self.levels - 1)) ** 2 for c in range(self.levels)], 1)
+
+
+def _thin_structure_pair(folder: Path, bundle: str) -> tuple[dict, np.ndarray, np.ndarray]:
+    """A 256 x 256 image/label pair (4x ``image_size``): a 64 x 64 square of the top class and 31 one-pixel
+    stripes of class 1 at columns 2 mod 4, which resizing to 64 x 64 removes from the label (nearest neighbour
+    keeps the columns 0 mod 4) and from the image (averaged to a quarter of their intensity). Returns the datalist
+    item and the full-resolution label and blob (the prediction an image-level network gives)."""
+    top = 1 if bundle in ("dka_segmentation", "crossmodal_segmentation") else 2
+    label = np.zeros((256, 256), np.uint8)
+    label[32:96, 32:96] = top
+    label[128:240, 130:254:4] = 1
+    blob = np.zeros_like(label)
+    blob[32:96, 32:96] = top
+    level = label.astype(np.float32) / top
+    folder.mkdir(parents=True, exist_ok=True)
+    if bundle in ("lora_segmentation", "crossmodal_segmentation"):  # NIfTI; multi-sequence as (H, W, 1, 3)
+        image = np.repeat(level[:, :, None, None], 3, axis=3) if bundle == "crossmodal_segmentation" else level
+        nib.save(nib.Nifti1Image(image, np.eye(4)), str(folder / "image.nii.gz"))
+        nib.save(nib.Nifti1Image(label, np.eye(4)), str(folder / "label.nii.gz"))
+        item = {"image": str(folder / "image.nii.gz"), "label": str(folder / "label.nii.gz")}
+    else:  # PNG: grey ultrasound, RGB fundus
+        from PIL import Image
+
+        grey = (level * 255).round().astype(np.uint8)
+        Image.fromarray(np.stack([grey] * 3, -1) if bundle == "mfmda_fundus" else grey).save(folder / "image.png")
+        Image.fromarray(label).save(folder / "label.png")
+        item = {"image": str(folder / "image.png"), "label": str(folder / "label.png")}
+    return item, label, blob
+
+
+def _dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    return 2.0 * float((pred & ref).sum()) / float(pred.sum() + ref.sum())
+
+
+@pytest.mark.parametrize("bundle", ["lora_segmentation", "dka_segmentation", "crossmodal_segmentation",
+                                    "mfmda_fundus"])
+def test_evaluation_scores_dice_at_native_resolution_by_default(bundle, tmp_path):
+    """evaluate.json scores Dice on each image's own grid (``dice_grid="native"``: the prediction inverted onto
+    the image's grid, as inference writes it, against the label as stored); ``--dice_grid network`` scores on the
+    ``image_size`` grid as training-time validation does. A thin structure that resizing to ``image_size``
+    removes from both label and prediction costs Dice only at native resolution; the per-class and per-image
+    reports keep the class names."""
+    item, label, blob = _thin_structure_pair(tmp_path / "data", bundle)
+    nested = bundle == "mfmda_fundus"
+    if nested:  # disc = label > 0, cup = label > 1
+        classes = {"optic disc": (label > 0, blob > 0), "optic cup": (label > 1, blob > 1)}
+    else:
+        parser = ConfigParser()
+        parser.read_config(str(ROOT / "bundles" / bundle / "configs" / "train.json"))
+        names = ConfigParser.load_config_file(str(ROOT / "bundles" / bundle / "configs" / "metadata.json"))
+        names = names["network_data_format"]["outputs"]["pred"]["channel_def"]
+        classes = {names[str(c)]: (label == c, blob == c) for c in range(1, parser["num_classes"])}
+    expected_native = {n: _dice(b, lab) for n, (lab, b) in classes.items()}
+    torch.save({}, tmp_path / "model.pt")  # the stand-in network has no weights
+
+    results = {}
+    for grid in (None, "native", "network"):
+        parser = ConfigParser()
+        parser.read_config([str(ROOT / "bundles" / bundle / "configs" / c) for c in ("train.json", "evaluate.json")])
+        parser.update({"bundle_root": str(ROOT / "bundles" / bundle), "val_datalist": [item],
+                       "ckpt_path": str(tmp_path / "model.pt"), "output_dir": str(tmp_path / f"eval_{grid}"),
+                       "network": _LevelNet(3 if nested else len(classes) + 1, nested)})
+        if grid is not None:
+            parser["dice_grid"] = grid
+        evaluator = parser.get_parsed_content("validate#evaluator")
+        evaluator.run()
+        # the per-image report: a column per class, named from the metadata, then the image's mean
+        raw = (tmp_path / f"eval_{grid}" / "val_mean_dice_raw.csv").read_text()
+        header, row = [r.split(",") for r in raw.splitlines()]
+        assert header == ["filename", *classes, "mean"] and row[0] == item["image"], (header, row)
+        assert float(row[-1]) == pytest.approx(evaluator.state.metrics["val_mean_dice"])
+        results[grid] = (evaluator.state.metrics["val_mean_dice"], dict(zip(classes, map(float, row[1:-1]))))
+
+    assert results[None] == results["native"]  # native is the default
+    native_mean, native = results["native"]
+    network_mean, network = results["network"]
+    for name, value in native.items():  # the blob is found, the stripes are missed, at the image's resolution
+        assert value == pytest.approx(expected_native[name], abs=0.02), (name, native, expected_native)
+    assert native_mean == pytest.approx(float(np.mean(list(expected_native.values()))), abs=0.02)
+    # on the 64 x 64 grid the stripes are gone from the label too: what is left (the square) is found
+    assert network_mean > 0.95 and network_mean - native_mean > 0.1, (network_mean, native_mean)
+    if bundle == "lora_segmentation":  # grey matter (the stripes): 0 at native resolution, absent (no score) at 64
+        assert native["grey matter"] == 0.0 and np.isnan(network["grey matter"]) and network["white matter"] > 0.95
+
+
+def test_dice_grid_is_checked():
+    from medpeft_monai.data.transforms import with_native_label
+
+    with pytest.raises(ValueError, match="dice_grid must be one of"):
+        with_native_label(None, "resized")

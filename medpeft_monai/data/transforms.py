@@ -17,6 +17,7 @@ from monai.config import KeysCollection
 from monai.transforms import (
     Compose,
     CopyItemsd,
+    DeleteItemsd,
     EnsureTyped,
     LoadImaged,
     MapTransform,
@@ -39,6 +40,7 @@ __all__ = [
     "CheckFinited",
     "CheckLabelRanged",
     "CheckSameGridd",
+    "DICE_GRIDS",
     "LoadImageNamedd",
     "DropTrailingSingletond",
     "MatchChannelsd",
@@ -51,11 +53,14 @@ __all__ = [
     "diffusion_transforms",
     "psst_transforms",
     "segmentation_transforms",
+    "with_native_label",
 ]
 
 _MODES = ("train", "eval", "infer")
 #: how images reach the network's ``image_size`` in :func:`segmentation_transforms`
 SPATIAL_MODES = ("resize", "native", "pad_crop")
+#: where the evaluation's Dice is computed (``dice_grid`` of the bundles' ``evaluate.json``, :func:`with_native_label`)
+DICE_GRIDS = ("native", "network")
 logger = logging.getLogger(__name__)
 
 
@@ -405,6 +410,41 @@ def segmentation_transforms(
                                   padding_mode="zeros"))
     xforms.append(EnsureTyped(keys=all_keys, dtype=torch.float32))
     return Compose(xforms)
+
+
+def with_native_label(preprocessing, dice_grid: str = "native", label_key: str = "label", spatial_rank: int = 2,
+                      native_key: str = "label_native"):
+    """Evaluation preprocessing whose label stays as stored, on its image's own grid, for Dice at each image's
+    native resolution (``dice_grid`` of the bundles' ``evaluate.json``).
+
+    ``dice_grid="native"``: ``preprocessing`` loads, checks and sizes image and label for the network as before;
+    then ``label_key`` is replaced by the same label file loaded again as it is stored (channel first, trailing
+    singleton dims dropped to ``spatial_rank`` as for the image; never resized, padded or cropped; the file name
+    travels under ``native_key`` meanwhile). The evaluation inverts the prediction onto the image's grid
+    (``Invertd``, as inference does) before it is discretised and scored, so the Dice is that of the masks
+    inference writes. Needs a batch size of 1 (the images' sizes differ) and labels given as files.
+    ``dice_grid="network"``: ``preprocessing`` itself; the Dice is computed on the grid the network sees
+    (``image_size`` with ``spatial="resize"``). The choice is logged.
+    """
+    if dice_grid not in DICE_GRIDS:
+        raise ValueError(f"dice_grid must be one of {DICE_GRIDS} ('native': Dice on each image's own grid, "
+                         f"'network': on the grid the network sees), got {dice_grid!r}.")
+    if dice_grid == "network":
+        logger.info("Dice on the network's grid (dice_grid='network'): prediction and label as the preprocessing "
+                    "sized them for the network, not at each image's native resolution.")
+        return preprocessing
+    logger.info("Dice on each image's native grid (dice_grid='native'): the prediction is inverted onto the "
+                "image's grid and compared with the label as stored.")
+    return Compose([
+        CopyItemsd(keys=label_key, times=1, names=native_key),
+        preprocessing,
+        DeleteItemsd(keys=label_key),
+        LoadImageNamedd(keys=native_key, ensure_channel_first=True, image_only=True),
+        DropTrailingSingletond(keys=native_key, spatial_rank=spatial_rank),
+        EnsureTyped(keys=native_key, dtype=torch.float32),
+        CopyItemsd(keys=native_key, times=1, names=label_key),
+        DeleteItemsd(keys=native_key),
+    ])
 
 
 def classification_transforms(
