@@ -2,12 +2,13 @@
 
 Stage 1 runs once per seed: the source DDPM, then target adaptation twice (full instance-aware adaptor, and the
 static direction only, ``--dynamic False``), each followed by translation of the labelled source images. Stage 2
-(LoRA on the frozen LiteMedSAM encoder) then trains four ways with the same budget:
+(LoRA on the frozen LiteMedSAM encoder) then trains five ways with the same budget:
 
 * source only (``--use_translations False``),
 * LoRA on the translations (full adaptation) without alignment (``--align_weight 0``),
 * static-direction translations with alignment,
-* full MFM-DA (full adaptation, alignment).
+* full MFM-DA (full adaptation, alignment),
+* full MFM-DA with the alignment loss weighted 0.1 (the paper weights it 1).
 
 Each model is scored on the target camera's labelled test images (``target_test``: the bundle's
 ``evaluate.json``, Dice per image for disc and cup at the network grid, mean over images). Translation quality is
@@ -44,6 +45,7 @@ ROWS = [  # (row name, translation set or None, stage-2 overrides)
     ("translations (full adaptor), no alignment", "full", ["--align_weight", "0"]),
     ("translations (static direction only) + alignment", "static", []),
     ("full MFM-DA (instance-aware adaptor + alignment)", "full", []),
+    ("full MFM-DA, alignment weight 0.1", "full", ["--align_weight", "0.1"]),
 ]
 
 
