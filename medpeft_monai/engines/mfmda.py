@@ -40,7 +40,7 @@ from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
 from medpeft_monai.backbones import as_plain_tensor
-from medpeft_monai.distributed import average_gradients
+from medpeft_monai.engines.step import optimizer_step
 from medpeft_monai.losses import gram_matrix, pyramid_alignment_loss, style_loss
 
 __all__ = ["AlignedPairStep", "StageSaver", "TargetAdaptationTrainer", "load_stage", "lowpass", "predict_x0",
@@ -217,11 +217,7 @@ class TargetAdaptationTrainer(SupervisedTrainer):
         loss = (engine.consistency_weight * loss_dc + engine.style_weight * loss_style
                 + engine.diffusion_weight * loss_diff)
         engine.state.output = {Keys.IMAGE: x_src, Keys.LOSS: loss}
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        loss.backward()
-        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        engine.optimizer.step()
+        optimizer_step(engine, loss, engine.network)
         engine.state.output.update({Keys.LOSS: loss.detach(), "loss_consistency": loss_dc.detach(),
                                     "loss_style": loss_style.detach(), "loss_diffusion": loss_diff.detach()})
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
@@ -349,12 +345,7 @@ class AlignedPairStep:
             loss_align = pyramid_alignment_loss([f[b:] for f in out.levels], [f[:b] for f in out.levels])
         loss = loss_task + self.align_weight * loss_align
         engine.state.output = {Keys.IMAGE: x, Keys.LABEL: y, Keys.PRED: logits[:b], Keys.LOSS: loss}
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        loss.backward()
-        average_gradients(net)
-        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        engine.optimizer.step()
+        optimizer_step(engine, loss, net)
         engine.state.output.update({Keys.LOSS: loss.detach(), "loss_task": loss_task.detach(),
                                     "loss_align": loss_align.detach()})
         engine.fire_event(IterationEvents.MODEL_COMPLETED)

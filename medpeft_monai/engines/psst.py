@@ -45,7 +45,8 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from medpeft_monai.backbones import as_plain_tensor
-from medpeft_monai.distributed import average_gradients, get_rank, get_world_size
+from medpeft_monai.distributed import get_rank, get_world_size
+from medpeft_monai.engines.step import optimizer_step
 from medpeft_monai.losses import DINOLoss, error_weights, masked_patch_loss
 
 __all__ = ["EMATeacher", "PSSTTrainer", "complexity_scores"]
@@ -227,12 +228,7 @@ class PSSTTrainer(SupervisedTrainer):
             engine.image_loss.update_center(teacher.image_logits)
             engine.patch_loss.update_center(teacher.patch_logits[:b])
         engine.state.output = {Keys.IMAGE: x1, Keys.LOSS: loss}
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        loss.backward()
-        average_gradients(net)
-        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        engine.optimizer.step()
+        optimizer_step(engine, loss, net)
         if engine.teacher is not None and engine.in_joint_stage():
             engine.teacher.update(net, engine.current_ema_momentum())
         engine.state.output.update({Keys.LOSS: loss.detach(), "loss_mae": loss_mae.detach(),
