@@ -237,14 +237,20 @@ def test_monailabel_server_infers_with_image_geometry(label_server, trained_tiny
     assert np.mean(pred == own) > 0.99  # the same labels as `monai.bundle run inference_seg.json`
 
 
+def served_tiny_bundle(tmp_path) -> BundleVariant:
+    """A copy of the tiny bundle with the random 2-block ViT preset in its inference config and trained-like
+    weights in models/model.pt: what the app serves in the in-process tests."""
+    copy = BundleVariant(copy_bundle(TINY_BUNDLE, tmp_path / "bundles"))
+    tiny_preset(copy.bundle, "inference.json")
+    trained_like_checkpoint(copy, copy.model_file, **TINY_PRESET)
+    return copy
+
+
 def test_non_finite_image_is_an_error_not_a_blank_label(tmp_path):
     """A NaN pixel: MONAI Label's inference raises naming the file (HTTP error) instead of answering with an
     all-background label."""
     require_monailabel()
-    label_app = load_app_module()
-    copy = BundleVariant(copy_bundle(TINY_BUNDLE, tmp_path / "bundles"))
-    tiny_preset(copy.bundle, "inference.json")
-    trained_like_checkpoint(copy, copy.model_file, **TINY_PRESET)
+    label_app, copy = load_app_module(), served_tiny_bundle(tmp_path)
     image = tmp_path / "nan_image.nii.gz"
     data = np.random.rand(64, 64).astype(np.float32)
     data[10, 10] = np.nan
@@ -267,10 +273,7 @@ def test_conf_spatial_native_serves_sliding_windows_on_the_image_grid(tmp_path):
 
     from medpeft_monai.nets import PeftSegmenter
 
-    label_app = load_app_module()
-    copy = BundleVariant(copy_bundle(TINY_BUNDLE, tmp_path / "bundles"))
-    tiny_preset(copy.bundle, "inference.json")
-    trained_like_checkpoint(copy, copy.model_file, **TINY_PRESET)
+    label_app, copy = load_app_module(), served_tiny_bundle(tmp_path)
     image = tmp_path / "large.nii.gz"
     affine = np.diag([0.5, 0.75, 2.0, 1.0])
     affine[:3, 3] = (4.0, -3.0, 1.0)
