@@ -38,6 +38,7 @@ __all__ = [
     "handlers_for_rank",
     "is_rank_zero_only",
     "local_device",
+    "unwrap_ddp",
 ]
 
 # Handlers that only produce outputs; every other handler runs on all ranks.
@@ -87,6 +88,12 @@ def handlers_for_rank(handlers: Sequence[Any] | None, rank: int | None = None) -
     handlers = list(handlers or [])
     rank = get_rank() if rank is None else rank
     return handlers if rank == 0 else [h for h in handlers if not is_rank_zero_only(h)]
+
+
+def unwrap_ddp(network: nn.Module) -> nn.Module:
+    """The module a ``DistributedDataParallel`` (or ``DataParallel``) wrapper holds; any other module as it is."""
+    inner = getattr(network, "module", None)
+    return inner if isinstance(inner, nn.Module) else network
 
 
 def average_gradients(net: nn.Module) -> None:

@@ -32,7 +32,7 @@ from medpeft_monai.checkpoint import (
     torch_bytes,
     write_bytes_atomic,
 )
-from medpeft_monai.distributed import get_rank
+from medpeft_monai.distributed import get_rank, unwrap_ddp
 from medpeft_monai.peft import peft_state_dict
 from medpeft_monai.utils import write_csv_atomic
 
@@ -222,7 +222,7 @@ class BundleCheckpointer:
         self.saved_epoch = epoch
         if get_rank() != 0:
             return
-        net = _unwrap(self.network)
+        net = unwrap_ddp(self.network)
         files = {}
         if self.model_file:
             files[self.model_file] = torch_bytes(net.state_dict())
@@ -311,9 +311,6 @@ class BundleCheckpointer:
 RESUME_FORMAT = "medpeft_monai.resume/1"
 
 
-def _unwrap(net: nn.Module) -> nn.Module:
-    return net.module if hasattr(net, "module") else net  # DDP
-
 
 def _loader(engine: Engine):
     return getattr(engine, "data_loader", None) or getattr(engine.state, "dataloader", None)
@@ -329,12 +326,12 @@ class _TrainableState:
         return {n for n, p in net.named_parameters(remove_duplicate=False) if not p.requires_grad}
 
     def state_dict(self) -> dict:
-        net = _unwrap(self.network)
+        net = unwrap_ddp(self.network)
         frozen = self._frozen(net)
         return {k: v.detach().cpu().clone() for k, v in net.state_dict().items() if k not in frozen}
 
     def load_state_dict(self, state: dict) -> None:
-        net = _unwrap(self.network)
+        net = unwrap_ddp(self.network)
         missing, unexpected = net.load_state_dict(state, strict=False)
         missing = [k for k in missing if k not in self._frozen(net)]
         if missing or unexpected:

@@ -35,6 +35,7 @@ from typing import Any
 from ignite.engine import Engine, Events
 from torch import nn
 
+from medpeft_monai.distributed import unwrap_ddp
 from medpeft_monai.peft import count_parameters
 
 __all__ = ["MLflowBundleLogger", "find_mlflow_handler", "flatten_params"]
@@ -118,7 +119,7 @@ class MLflowBundleLogger:
             for i, group in enumerate(optimizer.param_groups):
                 params[f"initial_lr_group_{i}"] = str(group.get("initial_lr", group["lr"]))
         if self.network is not None:
-            net = self.network.module if hasattr(self.network, "module") else self.network
+            net = unwrap_ddp(self.network)
             trainable, total = count_parameters(net)
             params["params_trainable"], params["params_total"] = str(trainable), str(total)
         return params

@@ -52,7 +52,7 @@ from torch import nn
 from torch.func import functional_call
 
 from medpeft_monai.backbones import as_plain_tensor
-from medpeft_monai.distributed import average_gradients
+from medpeft_monai.distributed import average_gradients, unwrap_ddp
 from medpeft_monai.losses import DCRMLoss, dcrm_total_loss
 from medpeft_monai.nets.dcrm import DCRMOutput
 from medpeft_monai.peft.dcrm import TALer, find_controller
@@ -62,9 +62,6 @@ __all__ = ["BilevelTrainer", "modulator_parameter_names", "network_outputs", "sp
 MODES = ("bilevel", "joint")
 logger = logging.getLogger(__name__)
 
-
-def _unwrap(network: nn.Module) -> nn.Module:
-    return network.module if hasattr(network, "module") and isinstance(network.module, nn.Module) else network
 
 
 def network_outputs(net: nn.Module, x: torch.Tensor, params: dict | None = None) -> DCRMOutput:
@@ -177,7 +174,7 @@ class BilevelTrainer(SupervisedTrainer):
                           else DCRMLoss(loss_function, beta=beta, reg_weight=reg_weight))
         self.support_weight, self.query_fraction = float(support_weight), float(query_fraction)
         self.domain_key = domain_key
-        net = _unwrap(network)
+        net = unwrap_ddp(network)
         if inner_params is None:
             self.inner_names = modulator_parameter_names(net)
         else:
@@ -264,7 +261,7 @@ class BilevelTrainer(SupervisedTrainer):
         inputs, targets = as_plain_tensor(batch[0]), as_plain_tensor(batch[1])
         domains = engine._domains(batchdata, inputs.shape[0], inputs.device)
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
-        net = _unwrap(engine.network)
+        net = unwrap_ddp(engine.network)
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         if engine.mode == "joint":

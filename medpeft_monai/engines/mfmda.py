@@ -40,6 +40,7 @@ from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
 from medpeft_monai.backbones import as_plain_tensor
+from medpeft_monai.distributed import get_rank, unwrap_ddp
 from medpeft_monai.engines.step import optimizer_step
 from medpeft_monai.losses import gram_matrix, pyramid_alignment_loss, style_loss
 
@@ -49,19 +50,15 @@ __all__ = ["AlignedPairStep", "StageSaver", "TargetAdaptationTrainer", "load_sta
 logger = logging.getLogger(__name__)
 
 
-def _unwrap(network: nn.Module) -> nn.Module:
-    return network.module if hasattr(network, "module") and isinstance(network.module, nn.Module) else network
-
 
 def save_stage(path: str | os.PathLike, **modules: nn.Module) -> str:
     """Write a stage-1 artefact atomically: ``{name: state_dict}`` of the given modules (DDP unwrapped); only
     process 0 writes under ``torchrun``. Returns ``path``."""
-    from medpeft_monai.distributed import get_rank
     from medpeft_monai.peft import save_atomic
 
     if get_rank() == 0:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_atomic({k: _unwrap(m).state_dict() for k, m in modules.items()}, path)
+        save_atomic({k: unwrap_ddp(m).state_dict() for k, m in modules.items()}, path)
         logger.info(f"saved {sorted(modules)} to {path}")
     return os.fspath(path)
 
@@ -92,7 +89,7 @@ def load_stage(path: str | os.PathLike, fix: str, **modules: nn.Module) -> dict[
             found = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"{path} holds no {name!r} weights (found {found}). Fix: {fix}.")
         try:
-            _unwrap(module).load_state_dict(state[name])
+            unwrap_ddp(module).load_state_dict(state[name])
         except RuntimeError as err:
             raise ValueError(f"{path} was written for another {name} architecture than this config builds "
                              f"({str(err).splitlines()[0]} ...). Fix: use the same network settings as the run that "
@@ -332,7 +329,7 @@ class AlignedPairStep:
         x = as_plain_tensor(batchdata[Keys.IMAGE]).to(device)
         y = as_plain_tensor(batchdata[Keys.LABEL]).to(device)
         paired = self.source_key in batchdata
-        net = _unwrap(engine.network)
+        net = unwrap_ddp(engine.network)
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         b = x.shape[0]

@@ -45,7 +45,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from medpeft_monai.backbones import as_plain_tensor
-from medpeft_monai.distributed import get_rank, get_world_size
+from medpeft_monai.distributed import get_rank, get_world_size, unwrap_ddp
 from medpeft_monai.engines.step import optimizer_step
 from medpeft_monai.losses import DINOLoss, error_weights, masked_patch_loss
 
@@ -53,9 +53,6 @@ __all__ = ["EMATeacher", "PSSTTrainer", "complexity_scores"]
 
 logger = logging.getLogger(__name__)
 
-
-def _unwrap(network: nn.Module) -> nn.Module:
-    return network.module if hasattr(network, "module") and isinstance(network.module, nn.Module) else network
 
 
 class EMATeacher:
@@ -147,7 +144,7 @@ class PSSTTrainer(SupervisedTrainer):
         self.teacher_temp = tuple(teacher_temp)
         self.teacher_temp_warmup_epochs = max(int(teacher_temp_warmup_epochs), 1)
         self.ema_momentum = tuple(ema_momentum)
-        net = _unwrap(network)
+        net = unwrap_ddp(network)
         k = net.image_head.prototypes.out_features
         self.image_loss = DINOLoss(k, student_temp, center_momentum).to(device)
         self.patch_loss = DINOLoss(k, student_temp, center_momentum).to(device)
@@ -174,7 +171,7 @@ class PSSTTrainer(SupervisedTrainer):
     def _maybe_start_joint(self, engine: PSSTTrainer) -> None:
         if not engine.in_joint_stage() or engine.teacher is not None:
             return
-        net = _unwrap(engine.network)
+        net = unwrap_ddp(engine.network)
         loader = engine.data_loader
         dataset = loader.dataset
         ordered = DataLoader(dataset, batch_size=loader.batch_size, shuffle=False, num_workers=0,
@@ -198,7 +195,7 @@ class PSSTTrainer(SupervisedTrainer):
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         x1 = as_plain_tensor(batchdata[Keys.IMAGE]).to(engine.state.device)
-        net = _unwrap(engine.network)
+        net = unwrap_ddp(engine.network)
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         b = x1.shape[0]

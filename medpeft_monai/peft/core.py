@@ -29,7 +29,6 @@ In the style of HF peft's config -> tuner -> adapter-only state:
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import os
 import re
@@ -41,8 +40,7 @@ import torch
 from torch import nn
 
 from medpeft_monai.backbones import FrozenBackbone, weights_fingerprint
-from medpeft_monai.checkpoint import checked_file
-from medpeft_monai.utils import atomic_path
+from medpeft_monai.checkpoint import checked_file, torch_bytes, write_bytes_atomic
 
 __all__ = [
     "PEFT_FORMAT",
@@ -595,12 +593,10 @@ def load_peft_state_dict(model: nn.Module, payload: dict[str, Any] | str | os.Pa
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` through :func:`medpeft_monai.utils.atomic_path`: never a half-written file.
 
-    Serialised in memory first: ``torch.save`` to a file name records that name inside the archive, so the
-    temporary name would make every file's bytes different; this way equal objects give equal files."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(buf.getvalue())
+    Serialised in memory first (:func:`~medpeft_monai.checkpoint.torch_bytes`): ``torch.save`` to a file name
+    records that name inside the archive, so the temporary name would make every file's bytes different; this
+    way equal objects give equal files. Written by :func:`~medpeft_monai.checkpoint.write_bytes_atomic`."""
+    write_bytes_atomic(path, torch_bytes(obj))
 
 
 # ---------------------------------------------------------------------------------------------- merge
