@@ -553,7 +553,8 @@ def test_load_datalist_errors(tmp_path):
     )
     with pytest.raises(DatalistError, match=r"Entry 1 .*label file not found.*b.nii.gz"):
         load_datalist(missing)
-    assert len(load_datalist(missing, check_files=False)) == 2
+    # no 'validation' section: one of the two is carved out for validation (tests below)
+    assert len(load_datalist(missing, check_files=False) + load_datalist(missing, "validation", check_files=False)) == 2
     not_dict = _write(tmp_path / "nd.json", json.dumps({"training": ["a.png"]}))
     with pytest.raises(DatalistError, match="Entry 0 .* is a str, not an object"):
         load_datalist(not_dict)
@@ -820,3 +821,87 @@ def test_num_classes_above_the_training_labels_is_a_warning_naming_the_values_an
             parser["source_key"] = None
         check = parser.get_parsed_content("train#handlers#0")
         assert len(check.checks) == 1 and check.option in ("--num_classes", "--label_classes"), bundle
+
+
+# ------------------------------------------------------------------ a datalist without a validation section
+
+
+def _no_validation_datalist(folder: Path, n: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (folder / f"{i}.png").write_bytes(b"")
+    return _write(folder / "dl.json", json.dumps({"training": [{"image": f"{i}.png", "label": i % 2} for i in range(n)],
+                                                  "test": [{"image": "0.png"}]}))
+
+
+def test_missing_validation_section_is_carved_from_training_documented_and_stable(tmp_path, caplog):
+    import logging
+
+    from medpeft_monai.data import VALIDATION_FRACTION, VALIDATION_SEED, validation_split
+
+    dl = _no_validation_datalist(tmp_path, 12)
+    with caplog.at_level(logging.WARNING, logger="medpeft_monai.data.datalist"):
+        train, val = load_datalist(dl, "training"), load_datalist(dl, "validation")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"datalist {dl} has no 'validation' section: using 2 of the 12 training items (seed 0, "
+                        "20%) for validation; add a 'validation' list to choose them yourself"]  # once, not per call
+    assert (len(train), len(val)) == (10, 2)  # max(1, round(0.2 * 12)) = 2
+    images = [e["image"] for e in json.loads(dl.read_text())["training"]]
+    assert sorted(Path(e["image"]).name for e in train + val) == sorted(images)  # disjoint, union = training
+    assert (load_datalist(dl, "training"), load_datalist(dl, "validation")) == (train, val)  # the same split again
+    full = [dict(e, image=str(tmp_path / e["image"])) for e in json.loads(dl.read_text())["training"]]
+    assert (train, val) == validation_split(full, VALIDATION_FRACTION, VALIDATION_SEED)  # the documented function
+
+    items = [{"image": f"{i}.png"} for i in range(10)]
+    for n, n_val in ((2, 1), (3, 1), (5, 1), (8, 2), (10, 2), (13, 3)):
+        rest, held = validation_split([{"image": f"{i}.png"} for i in range(n)])
+        assert (len(rest), len(held)) == (n - n_val, n_val)
+    assert validation_split(items, 0.5, seed=1) == validation_split(items, 0.5, seed=1) != validation_split(items, 0.5)
+    assert len(validation_split(items, 0.99)[0]) == 1  # at least one training item is left
+    with pytest.raises(DatalistError, match="1 training item.*Fix: list at least 2"):
+        validation_split(items[:1])
+    # a single training item: training reads it, validation says what to add
+    one = _no_validation_datalist(tmp_path / "one", 1)
+    assert len(load_datalist(one, "training")) == 1
+    with pytest.raises(DatalistError, match=r"no section 'validation'.*too few.*Fix: add a 'validation' list"):
+        load_datalist(one, "validation")
+
+
+def test_validation_section_is_used_as_given(tmp_path):
+    dl = _no_validation_datalist(tmp_path, 6)
+    sections = json.loads(dl.read_text())
+    sections["validation"] = [{"image": "5.png", "label": 1}]
+    dl.write_text(json.dumps(sections))
+    assert [Path(e["image"]).name for e in load_datalist(dl, "training")] == [f"{i}.png" for i in range(6)]
+    assert [Path(e["image"]).name for e in load_datalist(dl, "validation")] == ["5.png"]
+    sections["validation"] = []  # an explicit empty section stays empty
+    dl.write_text(json.dumps(sections))
+    assert load_datalist(dl, "validation") == [] and len(load_datalist(dl, "training")) == 6
+
+
+def test_bundle_trains_on_a_user_datalist_without_validation(tmp_path):
+    """dka_segmentation (tiny random ViT, 1 epoch) on a user datalist with training + test only."""
+    import shutil
+
+    from tests.conftest import TINY_ARGS, copy_bundle, run_bundle
+
+    source = Path(sample_dataset("ultrasound_lesion"))
+    sections = _sections(source)
+    user = tmp_path / "my_data"
+    user.mkdir()
+    entries = {}
+    for section, n in (("training", 5), ("test", 1)):
+        entries[section] = []
+        for item in sections[section][:n]:
+            entry = {}
+            for field in ("image", "label"):
+                if field in item:
+                    name = f"{section}_{field}_{Path(item[field]).name}"
+                    shutil.copy(source / item[field], user / name)
+                    entry[field] = name
+            entries[section].append(entry)
+    (user / "datalist.json").write_text(json.dumps(entries))
+    bundle = copy_bundle("dka_segmentation", tmp_path)
+    out = run_bundle(bundle, ["train.json"], *TINY_ARGS, "--epochs", "1", "--datalist", str(user / "datalist.json"))
+    assert "no 'validation' section: using 1 of the 5 training items" in out
+    assert (bundle / "models" / "model.pt").is_file() and (bundle / "models" / "adapter.pt").is_file()

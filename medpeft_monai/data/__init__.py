@@ -1,6 +1,15 @@
 """Datalists, offline sample data sets and MONAI transform presets."""
 
-from .datalist import DatalistError, datalist_domains, load_datalist, training_subset, write_datalist
+from .datalist import (
+    VALIDATION_FRACTION,
+    VALIDATION_SEED,
+    DatalistError,
+    datalist_domains,
+    load_datalist,
+    training_subset,
+    validation_split,
+    write_datalist,
+)
 from .datasets import SkippingDataset
 from .sample_data import (
     SAMPLE_DATASETS,
@@ -19,6 +28,8 @@ from .transforms import (
 
 __all__ = [
     "SAMPLE_DATASETS",
+    "VALIDATION_FRACTION",
+    "VALIDATION_SEED",
     "DatalistError",
     "DomainEpisodeSampler",
     "DropTrailingSingletond",
@@ -28,6 +39,7 @@ __all__ = [
     "datalist_domains",
     "load_datalist",
     "training_subset",
+    "validation_split",
     "sample_data_root",
     "sample_dataset",
     "segmentation_transforms",

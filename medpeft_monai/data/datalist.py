@@ -7,24 +7,43 @@ A datalist is a JSON file such as::
 
 Relative paths are resolved against the datalist's folder (or ``base_dir``). ``label`` may be a
 path (segmentation) or a number (classification). Extra top-level keys (for example
-``"classes"``) and extra entry fields (for example ``"domain"``) are allowed.
+``"classes"``) and extra entry fields (for example ``"domain"``) are allowed. A file without a
+``"validation"`` section gets one carved from ``"training"`` (see :func:`validation_split`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from monai.data import load_decathlon_datalist, partition_dataset
 
 from medpeft_monai.utils import write_text_atomic
 
-__all__ = ["DatalistError", "datalist_domains", "load_datalist", "training_subset", "write_datalist"]
+__all__ = [
+    "VALIDATION_FRACTION",
+    "VALIDATION_SEED",
+    "DatalistError",
+    "datalist_domains",
+    "load_datalist",
+    "training_subset",
+    "validation_split",
+    "write_datalist",
+]
+
+logger = logging.getLogger(__name__)
 
 _PATH_KEYS = ("image", "label")
+
+#: share and seed of the validation items carved from ``training`` when a datalist has no ``validation``
+VALIDATION_FRACTION = 0.2
+VALIDATION_SEED = 0
+_warned: set[tuple[str, int]] = set()  # (datalist, training size) already warned about in this process
 
 
 class DatalistError(ValueError):
@@ -68,6 +87,11 @@ def load_datalist(
 ) -> list[dict]:
     """Load section ``key`` of a Decathlon-style datalist as a list of dicts with absolute paths.
 
+    A file with ``training`` but no ``validation`` section: ``key="validation"`` returns the items
+    :func:`validation_split` carves from ``training`` (``VALIDATION_FRACTION``, ``VALIDATION_SEED``) and
+    ``key="training"`` the rest, so the two calls never overlap; a warning says so. With fewer than 2
+    training items ``key="training"`` returns them all and ``key="validation"`` is an error.
+
     Args:
         datalist: path to the JSON file.
         key: section to read, e.g. ``"training"``, ``"validation"``, ``"test"``.
@@ -84,7 +108,37 @@ def load_datalist(
             f"Datalist '{path}' must hold a JSON object with sections such as "
             f'{{"training": [...]}}, found a {type(data).__name__}. Fix: wrap the entries in a section.'
         )
-    sections = [k for k, v in data.items() if isinstance(v, list) and all(isinstance(i, dict) for i in v)]
+    base = Path(base_dir).expanduser() if base_dir is not None else path.parent
+    training = data.get("training")
+    if key in ("training", "validation") and "validation" not in data and isinstance(training, list):
+        if len(training) < 2 and key == "validation":
+            raise DatalistError(
+                f"Datalist '{path}' has no section 'validation', and its {len(training)} training item(s) are too "
+                f"few to carve one from. Available sections: {_sections(data)}. Fix: add a 'validation' list "
+                "to the file, or list at least 2 training items."
+            )
+        if len(training) < 2:
+            return _load_section(path, data, key, base, check_files)
+        items = _load_section(path, data, "training", base, check_files)
+        rest, validation = validation_split(items, VALIDATION_FRACTION, VALIDATION_SEED)
+        if (str(path.absolute()), len(items)) not in _warned:
+            _warned.add((str(path.absolute()), len(items)))
+            logger.warning(
+                f"datalist {path} has no 'validation' section: using {len(validation)} of the {len(items)} "
+                f"training items (seed {VALIDATION_SEED}, {VALIDATION_FRACTION:.0%}) for validation; add a "
+                "'validation' list to choose them yourself"
+            )
+        return validation if key == "validation" else rest
+    return _load_section(path, data, key, base, check_files)
+
+
+def _sections(data: dict) -> list[str]:
+    return [k for k, v in data.items() if isinstance(v, list) and all(isinstance(i, dict) for i in v)]
+
+
+def _load_section(path: Path, data: dict, key: str, base: Path, check_files: bool) -> list[dict]:
+    """Section ``key`` of the parsed datalist ``data`` (read from ``path``), checked, with absolute paths."""
+    sections = _sections(data)
     if key not in data:
         raise DatalistError(
             f"Datalist '{path}' has no section '{key}'. Available sections: {sections}. "
@@ -110,7 +164,6 @@ def load_datalist(
                     f"Entry {i} of section '{key}' in datalist '{path}' has no 'image' field "
                     f'(fields: {sorted(item)}). Fix: add "image": "<path to the image>".'
                 )
-    base = Path(base_dir).expanduser() if base_dir is not None else path.parent
     if not items:
         return []
     result = load_decathlon_datalist(path, is_segmentation=True, data_list_key=key, base_dir=base)
@@ -125,6 +178,31 @@ def load_datalist(
                             f"relative to '{base}' (or pass base_dir=...)."
                         )
     return result
+
+
+def validation_split(
+    items: Sequence[dict], fraction: float = VALIDATION_FRACTION, seed: int = VALIDATION_SEED
+) -> tuple[list[dict], list[dict]]:
+    """Split training ``items`` into ``(training_rest, validation)``, deterministically for a given ``seed``.
+
+    Rule: ``max(1, round(fraction * n))`` of the ``n`` items, at most ``n - 1``, chosen by a seeded
+    permutation (``numpy.random.RandomState(seed)``); both parts keep the datalist order.
+
+    Raises:
+        DatalistError: fewer than 2 items, or ``fraction`` outside ``(0, 1)``, each with the fix.
+    """
+    items = list(items)
+    n = len(items)
+    if n < 2:
+        raise DatalistError(f"{n} training item(s) cannot be split into training and validation. Fix: list at "
+                            "least 2 training items, or give the validation items in a 'validation' list.")
+    fraction = float(fraction)
+    if not 0.0 < fraction < 1.0:
+        raise DatalistError(f"The validation fraction must be in (0, 1), got {fraction}. Fix: e.g. 0.2.")
+    n_val = min(max(1, round(fraction * n)), n - 1)
+    chosen = set(np.random.RandomState(seed).permutation(n)[:n_val].tolist())
+    rest = [item for i, item in enumerate(items) if i not in chosen]
+    return rest, [item for i, item in enumerate(items) if i in chosen]
 
 
 def _relative(value: Any, folder: str) -> Any:
