@@ -19,7 +19,9 @@ Hiera / SAM2-Hiera or TinyViT model. It
 * can be stepped through: :meth:`~FrozenBackbone.embed` (patch + position embedding, optional token
   mask), :meth:`~FrozenBackbone.run_blocks` (any block range, with explicit per-forward ``context``),
   :meth:`~FrozenBackbone.to_nchw` and :meth:`~FrozenBackbone.finish`; :meth:`~FrozenBackbone.encode`
-  is the one loop built on them that every network uses;
+  is the one loop built on them that every network uses, split at block ``k`` by
+  :meth:`~FrozenBackbone.frozen_prefix` / :meth:`~FrozenBackbone.encode_from` so that the part no adapter
+  touches (:meth:`~FrozenBackbone.first_adapted_block`) can be computed once per image and reused;
 * carries a fingerprint of its frozen weights (:attr:`~FrozenBackbone.fingerprint`) so that an adapter
   trained on one set of weights is refused on another.
 """
@@ -42,6 +44,7 @@ __all__ = [
     "BackboneOutput",
     "BlockInfo",
     "FrozenBackbone",
+    "FrozenPrefix",
     "as_plain_tensor",
     "create_backbone",
     "unwrap",
@@ -94,6 +97,15 @@ class BackboneOutput(NamedTuple):
     tokens: torch.Tensor
     levels: list
     context: dict
+
+
+class FrozenPrefix(NamedTuple):
+    """What :meth:`FrozenBackbone.frozen_prefix` returns: ``tokens`` entering block ``start`` and the NCHW
+    features (``levels``: block index -> map) of the requested blocks before it."""
+
+    tokens: torch.Tensor
+    start: int
+    levels: dict
 
 
 class BackboneError(ValueError):
@@ -668,22 +680,79 @@ class FrozenBackbone(nn.Module):
         ``route_from_block`` and their result is handed to the later blocks as ``context[adapter name]``.
         Returns ``BackboneOutput(tokens, levels, context)``; nothing is kept on the module.
         """
+        return self.encode_from(FrozenPrefix(self.embed(x, mask, mask_token), 0, {}), levels)
+
+    def frozen_prefix(self, x: torch.Tensor, start: int, levels: Sequence[int] = ()) -> FrozenPrefix:
+        """The part of :meth:`encode` before block ``start``: the tokens entering it and the NCHW features of
+        the ``levels`` below it. :meth:`encode_from` finishes the pass, so that
+        ``encode_from(frozen_prefix(x, k, L), L) == encode(x, L)``; when nothing before block ``k`` trains
+        (:meth:`first_adapted_block`), the prefix can be computed once per image and reused."""
+        n = len(self.blocks)
+        if not 0 <= start <= n:
+            raise BackboneError(f"start must be a block index in 0..{n}, got {start}.")
+        if self.routers and start > min(r.route_from_block for r in self.routers.values()):
+            raise BackboneError("A frozen prefix cannot end after a router's block: the router's context must be "
+                                "computed in the same pass. Use start <= route_from_block.")
+        want = {int(i) % n for i in levels}
+        feats: dict[int, torch.Tensor] = {}
+        tokens = self._run_collecting(self.embed(x), 0, start, want, {}, feats)
+        return FrozenPrefix(tokens, start, feats)
+
+    def encode_from(self, prefix: FrozenPrefix, levels: Sequence[int] = ()) -> BackboneOutput:
+        """Blocks ``prefix.start ..`` and the final norm on a :meth:`frozen_prefix`; ``levels`` below
+        ``prefix.start`` come from the prefix (computed there with the same ``levels``)."""
         n = len(self.blocks)
         want = sorted({int(i) % n for i in levels})
-        stops = sorted(set(want) | {r.route_from_block for r in self.routers.values()} | {n - 1})
-        tokens = self.embed(x, mask, mask_token)
+        missing = [i for i in want if i < prefix.start and i not in prefix.levels]
+        if missing:
+            raise BackboneError(f"Levels {missing} lie before block {prefix.start} but the frozen prefix does not "
+                                "hold them; compute the prefix with the same levels.")
         context: dict = {}
-        feats: dict[int, torch.Tensor] = {}
-        start = 0
-        for stop in stops:
-            tokens = self.run_blocks(tokens, start, stop + 1, context or None)
-            start = stop + 1
-            for key, router in self.routers.items():
-                if router.route_from_block == stop:
-                    context[getattr(router, "adapter_name", None) or key] = router(tokens)
-            if stop in want:
-                feats[stop] = self.to_nchw(tokens, stop)
+        feats = dict(prefix.levels)
+        tokens = self._run_collecting(prefix.tokens, prefix.start, n, set(want), context, feats)
         return BackboneOutput(self.finish(tokens), [feats[i] for i in want], context)
+
+    def _run_collecting(self, tokens: torch.Tensor, start: int, stop: int, want: set[int], context: dict,
+                        feats: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Blocks ``start .. stop - 1``, storing the NCHW output of the blocks in ``want`` in ``feats`` and
+        each router's result (run on its ``route_from_block``) in ``context``."""
+        if stop <= start:
+            return tokens
+        routes = {r.route_from_block for r in self.routers.values()}
+        stops = sorted({i for i in want | routes if start <= i < stop} | {stop - 1})
+        for s in stops:
+            tokens = self.run_blocks(tokens, start, s + 1, context or None)
+            start = s + 1
+            for key, router in self.routers.items():
+                if router.route_from_block == s:
+                    context[getattr(router, "adapter_name", None) or key] = router(tokens)
+            if s in want:
+                feats[s] = self.to_nchw(tokens, s)
+        return tokens
+
+    def first_adapted_block(self) -> int:
+        """Index of the first block whose output can differ from the frozen weights' (``len(blocks)`` when no
+        block can): the first block holding a trainable parameter or a PEFT module (its stage's patch merging
+        counts with it). Anything trainable or adapted before the blocks, or a router, gives 0."""
+        from medpeft_monai.peft.core import PeftModule
+
+        if self.routers:
+            return 0
+        n = len(self.blocks)
+        owners = [self.blocks[i].name for i in range(n)]
+        first = n
+        for name, module in self.model.named_modules():
+            changed = isinstance(module, PeftModule) or any(p.requires_grad for p in module.parameters(recurse=False))
+            if not changed:
+                continue
+            index = next((i for i, o in enumerate(owners) if name == o or name.startswith(o + ".")), None)
+            if index is None:
+                stage = name.rsplit(".downsample", 1)[0] if ".downsample" in name else None
+                index = next((i for i, o in enumerate(owners) if stage and o.startswith(stage + ".blocks.")), None)
+            if index is None:
+                return 0                                       # patch embedding, position embedding, ...
+            first = min(first, index)
+        return first
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """Pooled image embedding ``(B, num_features)`` from final tokens (timm's pre-logits head)."""

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from medpeft_monai.backbones import BackboneOutput, FrozenBackbone, as_plain_tensor
+from medpeft_monai.backbones import BackboneOutput, FrozenBackbone, FrozenPrefix, as_plain_tensor
 from medpeft_monai.peft import PeftConfig, apply_peft
 
 __all__ = ["PeftClassifier"]
@@ -57,6 +57,10 @@ class PeftClassifier(nn.Module):
         """``(logits, backbone output)`` in one pass."""
         out = self.backbone.encode(as_plain_tensor(x))
         return self.head(self.backbone.pool(out.tokens)), out
+
+    def forward_prefix(self, prefix: FrozenPrefix) -> torch.Tensor:
+        """Logits from the images' :meth:`~medpeft_monai.backbones.FrozenBackbone.frozen_prefix`."""
+        return self.head(self.backbone.pool(self.backbone.encode_from(prefix).tokens))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode(x)[0]

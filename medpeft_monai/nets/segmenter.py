@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from medpeft_monai.backbones import BackboneError, BackboneOutput, FrozenBackbone, as_plain_tensor
+from medpeft_monai.backbones import BackboneError, BackboneOutput, FrozenBackbone, FrozenPrefix, as_plain_tensor
 from medpeft_monai.nets.decoders import LevelDecoder
 from medpeft_monai.peft import PeftConfig, apply_peft
 
@@ -102,6 +102,12 @@ class PeftSegmenter(nn.Module):
                 f"SlidingWindowInferer(roi_size={list(self.backbone.image_size)}) or resize in preprocessing.")
         out = self.backbone.encode(x, levels=self.levels)
         return self.decoder(out.levels, size), out
+
+    def forward_prefix(self, prefix: FrozenPrefix) -> torch.Tensor:
+        """Logits of 2D images from their :meth:`~medpeft_monai.backbones.FrozenBackbone.frozen_prefix`
+        (computed with ``levels=self.levels``): the rest of :meth:`forward_2d`."""
+        out = self.backbone.encode_from(prefix, self.levels)
+        return self.decoder(out.levels, tuple(self.backbone.image_size))
 
     def forward_2d(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode_2d(x)[0]
