@@ -730,28 +730,32 @@ class FrozenBackbone(nn.Module):
                 feats[s] = self.to_nchw(tokens, s)
         return tokens
 
+    def block_of(self, name: str) -> int | None:
+        """Index of the block that module ``name`` (in ``self.model``) belongs to; a stage's patch merging
+        counts with the stage's first block (it runs just before it). ``None`` outside the blocks."""
+        owners = [b.name for b in self.blocks]
+        index = next((i for i, o in enumerate(owners) if name == o or name.startswith(o + ".")), None)
+        if index is None and ".downsample" in name:
+            stage = name.rsplit(".downsample", 1)[0]
+            index = next((i for i, o in enumerate(owners) if o.startswith(stage + ".blocks.")), None)
+        return index
+
     def first_adapted_block(self) -> int:
         """Index of the first block whose output can differ from the frozen weights' (``len(blocks)`` when no
-        block can): the first block holding a trainable parameter or a PEFT module (its stage's patch merging
-        counts with it). Anything trainable or adapted before the blocks, or a router, gives 0."""
+        block can): the first block holding a trainable parameter or a PEFT module (:meth:`block_of`).
+        Anything trainable or adapted outside the blocks (patch or position embedding, ...), or a router,
+        gives 0."""
         from medpeft_monai.peft.core import PeftModule
 
         if self.routers:
             return 0
-        n = len(self.blocks)
-        owners = [self.blocks[i].name for i in range(n)]
-        first = n
+        first = len(self.blocks)
         for name, module in self.model.named_modules():
-            changed = isinstance(module, PeftModule) or any(p.requires_grad for p in module.parameters(recurse=False))
-            if not changed:
-                continue
-            index = next((i for i, o in enumerate(owners) if name == o or name.startswith(o + ".")), None)
-            if index is None:
-                stage = name.rsplit(".downsample", 1)[0] if ".downsample" in name else None
-                index = next((i for i, o in enumerate(owners) if stage and o.startswith(stage + ".blocks.")), None)
-            if index is None:
-                return 0                                       # patch embedding, position embedding, ...
-            first = min(first, index)
+            if isinstance(module, PeftModule) or any(p.requires_grad for p in module.parameters(recurse=False)):
+                index = self.block_of(name)
+                if index is None:
+                    return 0
+                first = min(first, index)
         return first
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
