@@ -80,6 +80,9 @@ class LoRALinear(PeftModule):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             self.lora_A[key] = nn.Parameter(a)
             self.lora_B[key] = nn.Parameter(torch.zeros(sum(hi - lo for lo, hi in ranges), self.rank))
+            if len(ranges) > 1:  # per-head columns (TinyViT): their indices, for one index_add_ per part
+                cols = torch.cat([torch.arange(lo, hi) for lo, hi in ranges])
+                self.register_buffer(f"columns_{key}", cols, persistent=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self._merged_weight = ParameterCache()
@@ -145,10 +148,8 @@ class LoRALinear(PeftModule):
                 lo, hi = ranges[0]
                 rows[:, lo:hi].addmm_(low, self.lora_B[key].t().to(y.dtype), alpha=self.scale)
                 continue
-            delta, off = self.scale * (low @ self.lora_B[key].t().to(y.dtype)), 0  # per-head columns
-            for lo, hi in ranges:
-                rows[:, lo:hi] += delta[:, off:off + hi - lo]
-                off += hi - lo
+            rows.index_add_(1, getattr(self, f"columns_{key}"), low @ self.lora_B[key].t().to(y.dtype),
+                            alpha=self.scale)                                     # per-head columns
         return y
 
     def merge(self) -> None:
