@@ -94,6 +94,11 @@ def test_cached_sweep_equals_uncached(tmp_path):
                   steps=6, batch_size=4, evals=2, progress=False, **TINY)
     cached = run(out=tmp_path / "cached", cache=True, **common)
     plain = run(out=tmp_path / "plain", cache=False, **common)
+    on_disk = run(out=tmp_path / "disk", cache=True, cache_memory_gb=0.0, **common)   # memory bound 0: files
+    assert on_disk["prefix_cache"]["entries_on_disk"] == 2 * (4 + 2 + 3)
+    assert not (tmp_path / "disk" / "prefix_cache").exists()                  # scratch removed at the end
+    for r, d in zip(cached["results"], on_disk["results"]):
+        assert r["metric"] == d["metric"] and r["best_step"] == d["best_step"]
     for a, b in zip(cached["results"], plain["results"]):
         assert a["method"] == b["method"]
         assert a["prefix_reuse"]["start_block"] == (3 if a["method"] == "linear_probe" else 2)
@@ -105,6 +110,19 @@ def test_cached_sweep_equals_uncached(tmp_path):
         for key, t in wa["state_dict"].items():
             assert torch.allclose(t, wb["state_dict"][key], atol=1e-5), key
     assert cached["prefix_cache"]["prefixes_computed"] == 2 * (4 + 2 + 3)  # k=3 and k=2, each image once
+
+
+def test_time_budget_sets_one_step_count_that_grows_with_the_budget(tmp_path):
+    from medpeft_monai.compare.sweep import SweepSettings, calibrate_steps, load_data
+
+    datalist = write_user_datalist(tmp_path / "data", n_train=6, n_test=3)
+    specs = method_specs(["linear_probe", "lora"], last_blocks=1)
+    steps = {}
+    for budget in (5.0, 200.0):
+        settings = SweepSettings(datalist=str(datalist), fractions=[1.0], folds=1, time_budget_s=budget,
+                                 batch_size=4, **{k: v for k, v in TINY.items() if k != "weights"}, weights=None)
+        steps[budget] = calibrate_steps(settings, load_data(settings), specs, None, torch.device("cpu"), 1)
+    assert 1 <= steps[5.0] < steps[200.0]
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
-"""The DKA bundles train and write predictions as the README runs them; the low-data script sweeps."""
+"""The DKA bundles train and write predictions as the README runs them; their compare.json sweeps methods."""
 
-import argparse
 import csv
 import json
 from pathlib import Path
@@ -11,8 +10,6 @@ from monai.bundle import ConfigParser
 
 from medpeft_monai.data import sample_dataset
 from medpeft_monai.peft import DualKernelConv, load_peft_state_dict, param_groups
-from scripts.low_data import main as low_data_main
-from scripts.low_data import parse_lrs, subsample
 from tests.conftest import ROOT, copy_bundle, run_bundle
 
 SMALL = {"global_pool": "avg", "depth": 3}  # a 3-block backbone keeps the subprocess runs short
@@ -102,31 +99,22 @@ def test_dka_bundle_defaults_to_asynchronous_learning_rates_stated_everywhere(na
     assert "--adapter_lr 0.001 --head_lr 0.0001" in readme, "the paper's 1e-3 / 1e-4 stays documented as override"
 
 
-def test_subsample_is_stratified_and_seeded():
-    items = [{"image": f"{i}.png", "label": i % 2} for i in range(20)]
-    sub = subsample(items, 0.1, seed=0)
-    assert sorted(it["label"] for it in sub) == [0, 1]
-    assert sub == subsample(items, 0.1, seed=0) and subsample(items, 0.5, seed=1) != subsample(items, 0.5, seed=2)
-    with pytest.raises(ValueError, match="fractions must be in"):
-        subsample(items, 0.0, seed=0)
-
-
-def test_lr_pairs_parse_and_refuse_malformed():
-    assert parse_lrs("0.001:0.0001") == (1e-3, 1e-4) and parse_lrs("3e-3:3e-3") == (3e-3, 3e-3)
-    for bad in ("0.001", "a:b", "0.001:-1", "1:2:3"):
-        with pytest.raises(argparse.ArgumentTypeError, match="ADAPTER:HEAD|positive"):
-            parse_lrs(bad)
-
-
-def test_low_data_sweep_writes_csv_plot_and_table(tmp_path, capsys):
-    out = tmp_path / "sweep"
-    assert low_data_main(["--bundle", str(ROOT / "bundles" / "dka_classification"), "--fractions", "0.1", "1.0",
-                          "--folds", "1", "--methods", "linear_probe", "dka", "--epochs", "1", "--samples", "16",
-                          "--override", json.dumps({"backbone_kwargs": SMALL}),
-                          "--out", str(out)]) == 0
-    rows = list(csv.DictReader((out / "results.csv").open()))
+def test_bundle_compare_config_sweeps_methods_on_the_bundles_data(tmp_path):
+    """compare.json on top of train.json: the bundle's datalist (classification sample), backbone and settings
+    drive medpeft_monai.compare; the report lands in the bundle."""
+    bundle = copy_bundle("dka_classification", tmp_path)
+    run_bundle(bundle, ["train.json", "compare.json"], "--backbone_kwargs", json.dumps(SMALL),
+               "--compare_methods", "['linear_probe', 'dka']", "--compare_fractions", "[0.1, 1.0]",
+               "--compare_folds", "1", "--compare_steps", "4")
+    report = json.loads((bundle / "compare" / "report.json").read_text())
+    assert report["task"] == "classification" and report["settings"]["backbone_kwargs"] == SMALL
+    datalist = json.loads(Path(report["settings"]["datalist"]).read_text())
+    labels = [it["label"] for it in datalist["training"]]
+    rows = list(csv.DictReader((bundle / "compare" / "results.csv").open()))
     assert {(r["method"], r["fraction"]) for r in rows} == {(m, f) for m in ("linear_probe", "dka")
                                                              for f in ("0.1", "1.0")}
+    n_small = sum(max(1, round(0.1 * labels.count(c))) for c in set(labels))   # stratified per class
+    assert {r["n_train"] for r in rows if r["fraction"] == "0.1"} == {str(n_small)}
+    assert {r["n_train"] for r in rows if r["fraction"] == "1.0"} == {str(len(labels))}
     assert all(0.0 <= float(r["metric"]) <= 1.0 for r in rows)
-    assert (out / "summary.csv").is_file() and (out / "low_data.png").stat().st_size > 1000
-    assert "| linear_probe |" in capsys.readouterr().out
+    assert (bundle / "compare" / "report.html").stat().st_size > 10_000

@@ -30,9 +30,9 @@ BUNDLE_KEYS = {"datalist": "datalist", "backbone": "backbone", "backbone_weights
                "backbone_kwargs": "backbone_kwargs"}
 
 
-def bundle_settings(bundle: str | os.PathLike) -> dict:
+def bundle_settings(bundle: str | os.PathLike, skip: Sequence[str] = ()) -> dict:
     """The datalist, backbone, weights, image size, channels, classes and backbone arguments of a bundle's
-    ``configs/train.json`` (its defaults, e.g. the built-in sample data)."""
+    ``configs/train.json`` (its defaults, e.g. the built-in sample data), leaving out the keys in ``skip``."""
     from monai.bundle import ConfigParser
 
     train = Path(bundle) / "configs" / "train.json"
@@ -44,7 +44,7 @@ def bundle_settings(bundle: str | os.PathLike) -> dict:
     parser["bundle_root"] = str(bundle)
     out = {}
     for key, field_name in BUNDLE_KEYS.items():
-        if key in parser:
+        if key in parser and key not in skip:
             value = parser.get_parsed_content(key)
             out[field_name] = str(value) if key == "backbone_weights" and value is not None else value
     return out
@@ -66,7 +66,7 @@ def run(out: str | os.PathLike = "compare_out", datalist: str | os.PathLike | No
         last_blocks: adapt only the last N blocks with every method that takes ``blocks``.
         sweep_settings: fields of :class:`SweepSettings` (backbone, weights, fractions, folds, steps, ...).
     """
-    values = bundle_settings(bundle) if bundle is not None else {}
+    values = bundle_settings(bundle, skip=["datalist"] if datalist is not None else []) if bundle is not None else {}
     values.update({k: v for k, v in sweep_settings.items() if v is not None})
     if datalist is not None:
         values["datalist"] = str(datalist)

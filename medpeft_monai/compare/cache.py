@@ -10,6 +10,7 @@ and hands batches of it to the network's ``forward_prefix``.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -54,13 +55,14 @@ class PrefixCache:
     """Frozen prefixes per ``(k, split, index)``.
 
     Args:
-        folder: where entries go once the in-memory ones hold ``max_bytes`` (created on demand; the files
-            are a run's scratch, not results).
+        folder: where entries go once the in-memory ones hold ``max_bytes`` (created on demand, emptied now
+            and by :meth:`clear`: the files are one sweep's scratch, not results).
         max_bytes: memory bound of the in-memory entries.
     """
 
     def __init__(self, folder: str | os.PathLike, max_bytes: int = 2 << 30) -> None:
         self.folder = Path(folder)
+        shutil.rmtree(self.folder, ignore_errors=True)
         self.max_bytes = int(max_bytes)
         self.memory: dict[tuple, FrozenPrefix] = {}
         self.on_disk: set[tuple] = set()
@@ -119,6 +121,13 @@ class PrefixCache:
         tokens = torch.cat([p.tokens for p in parts]).to(device)
         levels = {lv: torch.cat([p.levels[lv] for p in parts]).to(device) for lv in parts[0].levels}
         return FrozenPrefix(tokens, k, levels)
+
+    def clear(self) -> None:
+        """Forget every entry and remove the on-disk ones."""
+        self.memory.clear()
+        self.on_disk.clear()
+        self.bytes_in_memory = 0
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def describe(self) -> dict:
         return {"entries_in_memory": len(self.memory), "entries_on_disk": len(self.on_disk),

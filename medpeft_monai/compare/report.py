@@ -41,9 +41,18 @@ def summarise(results: list[dict]) -> list[dict]:
             "per_class": [float(np.nanmean([np.nan if p[c] is None else p[c] for p in per_class]))
                           for c in range(len(per_class[0]))] if per_class else [],
             "train_seconds": statistics.fmean(r["train_seconds"] for r in runs),
-            "inference_ms": statistics.fmean(r["inference_ms"] for r in runs),
+            "inference_ms": _mean_or_none([r["inference_ms"] for r in runs]),
         })
     return rows
+
+
+def _mean_or_none(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}"
 
 
 def recommend(summary: list[dict]) -> list[dict]:
@@ -168,7 +177,7 @@ def _html(sweep: dict, summary: list[dict], recs: list[dict], results: list[dict
                       if reuse["start_block"] else f"none: {reuse['reason']}")
         cost_rows.append([e(m["name"]), f"{runs[0]['trainable_params']:,}", _kib(runs[0]["adapter_bytes"]),
                           f"{statistics.fmean(r['train_seconds'] for r in runs):.1f}",
-                          f"{statistics.fmean(r['inference_ms'] for r in runs):.1f}",
+                          _fmt(_mean_or_none([r["inference_ms"] for r in runs])),
                           f"{m['adapter_lr']:g} / {m['head_lr']:g}", f"<code>{e(json.dumps(m['peft']))}</code>",
                           e(reuse_text)])
     parts.append(_table(["method", "trainable parameters", "adapter file", "train time per run (s)",

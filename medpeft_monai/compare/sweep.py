@@ -335,7 +335,8 @@ def run_cell(settings: SweepSettings, data: SweepData, spec: MethodSpec, fractio
              extras: bool = False) -> dict:
     """Train ``spec`` on the ``(fraction, fold)`` subset for ``steps`` steps, keep the best validation state,
     score the test section; write the adapter (and with ``extras`` the prediction and ERF figures) to
-    ``cell_dir`` and return the result record (written last, by the caller)."""
+    ``cell_dir`` and return the result record (written last, by the caller). ``extras`` (one run per method)
+    also measures the inference time of the whole network."""
     from monai.utils import set_determinism
 
     train_idx = fraction_subset(data.train.items, fraction, fold)
@@ -385,12 +386,13 @@ def run_cell(settings: SweepSettings, data: SweepData, spec: MethodSpec, fractio
         if np.isfinite(scores).any() else [],
         "per_image": {f: [None if not np.isfinite(v) else float(v) for v in row]
                       for f, row in zip(data.test.files, scores)},
-        "train_seconds": train_s, "inference_ms": _inference_ms(model, data.test.images, device),
+        "train_seconds": train_s, "inference_ms": None,
         "trainable_params": trainable, "total_params": total,
         "adapter_bytes": os.path.getsize(cell_dir / "adapter.pt"),
         "prefix_reuse": {"start_block": k, "blocks": len(model.backbone.blocks), "reason": why_not},
     }
     if extras:
+        result["inference_ms"] = _inference_ms(model, data.test.images, device)
         model.eval()
         with torch.no_grad():
             logits = torch.cat([inputs.logits(model, "test", list(range(s, min(len(scores), s + 16))))[0].cpu()
@@ -496,4 +498,6 @@ def run_sweep(settings: SweepSettings, specs: list[MethodSpec], out: str | os.Pa
                           "test": len(data.test.items)},
              "device": str(device), "seconds_this_invocation": time.perf_counter() - started,
              "runs_this_invocation": len(todo), "prefix_cache": cache.describe() if cache else None}
+    if cache is not None:
+        cache.clear()
     return write_report(out, sweep, results)
