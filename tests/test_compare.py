@@ -112,6 +112,16 @@ def test_cached_sweep_equals_uncached(tmp_path):
     assert cached["prefix_cache"]["prefixes_computed"] == 2 * (4 + 2 + 3)  # k=3 and k=2, each image once
 
 
+def test_augmentation_turns_reuse_off_and_the_report_says_so(tmp_path):
+    datalist = write_user_datalist(tmp_path / "data", n_train=4, n_test=2)
+    report = run(out=tmp_path / "aug", datalist=datalist, methods=["linear_probe"], fractions=[1.0], folds=1,
+                 steps=2, batch_size=2, evals=1, augment=True, progress=False, **TINY)
+    assert report["results"][0]["prefix_reuse"] == {"start_block": 0, "blocks": 3,
+                                                    "reason": "augmentation changes the input every step"}
+    assert report["prefix_cache"]["prefixes_computed"] == 0
+    assert "Augmentation was on" in (tmp_path / "aug" / "report.html").read_text()
+
+
 def test_time_budget_sets_one_step_count_that_grows_with_the_budget(tmp_path):
     from medpeft_monai.compare.sweep import SweepSettings, calibrate_steps, load_data
 

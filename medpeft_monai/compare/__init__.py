@@ -64,7 +64,8 @@ def run(out: str | os.PathLike = "compare_out", datalist: str | os.PathLike | No
         methods: names from :data:`METHOD_DEFAULTS` (default :data:`DEFAULT_METHODS`).
         settings: per-method changes ``"METHOD.KEY=VALUE"``.
         last_blocks: adapt only the last N blocks with every method that takes ``blocks``.
-        sweep_settings: fields of :class:`SweepSettings` (backbone, weights, fractions, folds, steps, ...).
+        sweep_settings: fields of :class:`SweepSettings` (backbone, weights, fractions, folds, steps, ...);
+            ``None`` means "not given" (the default or the bundle's value), ``weights="none"`` no weights.
     """
     values = bundle_settings(bundle, skip=["datalist"] if datalist is not None else []) if bundle is not None else {}
     values.update({k: v for k, v in sweep_settings.items() if v is not None})
