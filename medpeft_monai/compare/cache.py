@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from timm.layers import DropPath
 from torch import nn
 
 from medpeft_monai.backbones import FrozenBackbone, FrozenPrefix
@@ -31,8 +32,12 @@ def stochastic_modules(backbone: FrozenBackbone, start: int) -> list[str]:
         index = backbone.block_of(name)
         if index is not None and index >= start:
             continue
-        rate = getattr(m, "drop_prob", None) if type(m).__name__ == "DropPath" else (
-            m.p if isinstance(m, nn.modules.dropout._DropoutNd) else None)
+        if isinstance(m, DropPath):
+            rate = m.drop_prob
+        elif isinstance(m, nn.modules.dropout._DropoutNd):
+            rate = m.p
+        else:
+            continue
         if rate:
             names.append(name)
     return names

@@ -205,12 +205,8 @@ class _Inputs:
     def logits(self, model: nn.Module, split: str, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.data.split(split)
         if split == "train" and self.augment is not None:
-            batch = [self.augment(dict(s.items[i])) for i in idx]
-            x = torch.stack([as_plain_tensor(torch.as_tensor(b["image"])).float() for b in batch])
-            y = (torch.stack([as_plain_tensor(torch.as_tensor(b["label"])).float() for b in batch])
-                 if self.data.task == "segmentation"
-                 else torch.tensor([int(b["label"]) for b in batch]))
-            return model(x.to(self.device)), y.to(self.device)
+            batch = _preprocess([s.items[i] for i in idx], self.augment, self.data.task)
+            return model(batch.images.to(self.device)), batch.labels.to(self.device)
         y = s.labels[idx].to(self.device)
         if self.k:
             return model.forward_prefix(self.cache.batch(self.k, split, idx, self.device)), y
@@ -238,18 +234,19 @@ def _scores(task: str, num_classes: int, logits: torch.Tensor, labels: torch.Ten
     return DiceMetric(include_background=False, reduction="none", ignore_empty=True)(pred, truth).cpu().numpy()
 
 
-def evaluate(model: nn.Module, inputs: _Inputs, split: str, batch_size: int = 16) -> np.ndarray:
-    """Per-image scores (see :func:`_scores`) of ``split`` in eval mode."""
+def evaluate(model: nn.Module, inputs: _Inputs, split: str, batch_size: int = 16) -> tuple[np.ndarray, torch.Tensor]:
+    """Per-image scores (see :func:`_scores`) and the logits (on the CPU) of ``split``, in eval mode."""
     n = len(inputs.data.split(split).items)
     was = model.training
     model.eval()
-    rows = []
+    rows, outputs = [], []
     with torch.no_grad():
         for s in range(0, n, batch_size):
             logits, y = inputs.logits(model, split, list(range(s, min(n, s + batch_size))))
             rows.append(_scores(inputs.data.task, inputs.data.num_classes, logits, y))
+            outputs.append(logits.cpu())
     model.train(was)
-    return np.concatenate(rows)
+    return np.concatenate(rows), torch.cat(outputs)
 
 
 def summary_metric(scores: np.ndarray) -> float:
@@ -369,11 +366,11 @@ def run_cell(settings: SweepSettings, data: SweepData, spec: MethodSpec, fractio
         if progress is not None:
             progress.update(1)
         if step in eval_at:
-            val = summary_metric(evaluate(model, inputs, "val"))
+            val = summary_metric(evaluate(model, inputs, "val")[0])
             if val > best[0]:
                 best = (val, step, peft_state_dict(model))
     load_peft_state_dict(model, best[2])
-    scores = evaluate(model, inputs, "test")
+    scores, test_logits = evaluate(model, inputs, "test")
     cell_dir.mkdir(parents=True, exist_ok=True)
     save_atomic(best[2], cell_dir / "adapter.pt")
     trainable, total = count_parameters(model)
@@ -393,11 +390,7 @@ def run_cell(settings: SweepSettings, data: SweepData, spec: MethodSpec, fractio
     }
     if extras:
         result["inference_ms"] = _inference_ms(model, data.test.images, device)
-        model.eval()
-        with torch.no_grad():
-            logits = torch.cat([inputs.logits(model, "test", list(range(s, min(len(scores), s + 16))))[0].cpu()
-                                for s in range(0, len(scores), 16)])
-        result["cases"] = _save_predictions(cell_dir / "predictions.png", data, logits, scores)
+        result["cases"] = _save_predictions(cell_dir / "predictions.png", data, test_logits, scores)
         if spec.name.split("@")[0] in ERF_METHODS:
             from medpeft_monai.erf import effective_receptive_field, erf_summary, save_erf_png
 
