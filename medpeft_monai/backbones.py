@@ -47,6 +47,7 @@ __all__ = [
     "FrozenPrefix",
     "as_plain_tensor",
     "create_backbone",
+    "resolve_backbone",
     "unwrap",
     "weights_fingerprint",
 ]
@@ -687,30 +688,43 @@ class FrozenBackbone(nn.Module):
         the ``levels`` below it. :meth:`encode_from` finishes the pass, so that
         ``encode_from(frozen_prefix(x, k, L), L) == encode(x, L)``; when nothing before block ``k`` trains
         (:meth:`first_adapted_block`), the prefix can be computed once per image and reused."""
+        return self.extend_prefix(FrozenPrefix(self.embed(x), 0, {}), start, levels)
+
+    def extend_prefix(self, prefix: FrozenPrefix, start: int, levels: Sequence[int] = ()) -> FrozenPrefix:
+        """A frozen prefix that ends at a later block: blocks ``prefix.start .. start - 1`` on ``prefix``, so
+        that ``extend_prefix(frozen_prefix(x, j, L), k, L) == frozen_prefix(x, k, L)`` for ``j <= k`` (the
+        prefixes of several start blocks in one pass through the frozen blocks)."""
         n = len(self.blocks)
-        if not 0 <= start <= n:
-            raise BackboneError(f"start must be a block index in 0..{n}, got {start}.")
+        if not prefix.start <= start <= n:
+            raise BackboneError(f"start must be a block index in {prefix.start}..{n} (the prefix ends at block "
+                                f"{prefix.start}), got {start}.")
         if self.routers and start > min(r.route_from_block for r in self.routers.values()):
             raise BackboneError("A frozen prefix cannot end after a router's block: the router's context must be "
                                 "computed in the same pass. Use start <= route_from_block.")
         want = {int(i) % n for i in levels}
-        feats: dict[int, torch.Tensor] = {}
-        tokens = self._run_collecting(self.embed(x), 0, start, want, {}, feats)
-        return FrozenPrefix(tokens, start, feats)
+        feats = self._prefix_levels(prefix, want)
+        tokens = self._run_collecting(prefix.tokens, prefix.start, start, {i for i in want if i < start}, {}, feats)
+        return FrozenPrefix(tokens, start, {i: f for i, f in feats.items() if i < start})
 
     def encode_from(self, prefix: FrozenPrefix, levels: Sequence[int] = ()) -> BackboneOutput:
         """Blocks ``prefix.start ..`` and the final norm on a :meth:`frozen_prefix`; ``levels`` below
         ``prefix.start`` come from the prefix (computed there with the same ``levels``)."""
         n = len(self.blocks)
         want = sorted({int(i) % n for i in levels})
-        missing = [i for i in want if i < prefix.start and i not in prefix.levels]
+        context: dict = {}
+        feats = self._prefix_levels(prefix, set(want))
+        tokens = self._run_collecting(prefix.tokens, prefix.start, n, set(want), context, feats)
+        return BackboneOutput(self.finish(tokens), [feats[i] for i in want], context)
+
+    @staticmethod
+    def _prefix_levels(prefix: FrozenPrefix, want: set[int]) -> dict[int, torch.Tensor]:
+        """The prefix's features of the wanted levels (a copy of its dict); every wanted level before
+        ``prefix.start`` must be there."""
+        missing = sorted(i for i in want if i < prefix.start and i not in prefix.levels)
         if missing:
             raise BackboneError(f"Levels {missing} lie before block {prefix.start} but the frozen prefix does not "
                                 "hold them; compute the prefix with the same levels.")
-        context: dict = {}
-        feats = dict(prefix.levels)
-        tokens = self._run_collecting(prefix.tokens, prefix.start, n, set(want), context, feats)
-        return BackboneOutput(self.finish(tokens), [feats[i] for i in want], context)
+        return {i: f for i, f in prefix.levels.items() if i in want}
 
     def _run_collecting(self, tokens: torch.Tensor, start: int, stop: int, want: set[int], context: dict,
                         feats: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -773,6 +787,28 @@ class FrozenBackbone(nn.Module):
     def forward_levels(self, x: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
         """NCHW features from the given block indices (negative indices count from the end), sorted by depth."""
         return self.encode(x, levels=indices).levels
+
+
+def resolve_backbone(backbone: str | FrozenBackbone, weights: str | os.PathLike | None = None,
+                     image_size: int | Sequence[int] | None = None, in_chans: int = 3,
+                     model_kwargs: dict | None = None, input_norm: str | Sequence | None = "auto") -> FrozenBackbone:
+    """What the networks' ``backbone`` argument means: a timm name builds ``FrozenBackbone(name, ...)``; a
+    built :class:`FrozenBackbone` is used as it is (e.g. a copy of one loaded once for many models). The
+    latter carries its own weights, size, channels and normalisation, so those arguments must stay at
+    their defaults (``in_chans`` may repeat its own)."""
+    if not isinstance(backbone, FrozenBackbone):
+        return FrozenBackbone(backbone, weights=weights, image_size=image_size, in_chans=in_chans,
+                              model_kwargs=model_kwargs, input_norm=input_norm)
+    given = [name for name, value, default in (("weights", weights, None), ("image_size", image_size, None),
+                                               ("model_kwargs", model_kwargs or None, None),
+                                               ("input_norm", input_norm, "auto")) if value != default]
+    if in_chans not in (3, backbone.in_chans):
+        given.append("in_chans")
+    if given:
+        raise BackboneError(f"A built FrozenBackbone ({backbone.name}) carries its own weights, image size, channels "
+                            f"and input normalisation; do not also pass {', '.join(given)}: build the FrozenBackbone "
+                            "with them, or pass the timm name instead.")
+    return backbone
 
 
 def create_backbone(name: str, **kwargs) -> FrozenBackbone:

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from medpeft_monai.backbones import BackboneOutput, FrozenBackbone, FrozenPrefix, as_plain_tensor
+from medpeft_monai.backbones import BackboneOutput, FrozenBackbone, FrozenPrefix, as_plain_tensor, resolve_backbone
 from medpeft_monai.peft import PeftConfig, apply_peft
 
 __all__ = ["PeftClassifier"]
@@ -18,7 +18,8 @@ class PeftClassifier(nn.Module):
     """``logits = Head(pool(Backbone_peft(x)))``.
 
     Args:
-        backbone: timm model name (see :class:`~medpeft_monai.backbones.FrozenBackbone`).
+        backbone: timm model name (see :class:`~medpeft_monai.backbones.FrozenBackbone`), or a built
+            ``FrozenBackbone`` (used as it is; see :func:`~medpeft_monai.backbones.resolve_backbone`).
         num_classes: number of output classes.
         peft: method name or config dict, e.g. ``{"method": "lora", "rank": 8}``; default linear probing.
             It is the model's adapter ``"default"``, which also owns the head (trained and saved with it).
@@ -35,7 +36,7 @@ class PeftClassifier(nn.Module):
 
     def __init__(
         self,
-        backbone: str,
+        backbone: str | FrozenBackbone,
         num_classes: int,
         peft: str | dict | PeftConfig | None = None,
         weights: str | os.PathLike | None = None,
@@ -48,8 +49,8 @@ class PeftClassifier(nn.Module):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
-        self.backbone = FrozenBackbone(backbone, weights=weights, image_size=image_size, in_chans=in_chans,
-                                       model_kwargs=model_kwargs, input_norm=input_norm)
+        self.backbone = resolve_backbone(backbone, weights=weights, image_size=image_size, in_chans=in_chans,
+                                         model_kwargs=model_kwargs, input_norm=input_norm)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.backbone.num_features, num_classes))
         self.peft_config = apply_peft(self, peft, modules=("head",))
 

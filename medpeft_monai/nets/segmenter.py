@@ -19,7 +19,14 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from medpeft_monai.backbones import BackboneError, BackboneOutput, FrozenBackbone, FrozenPrefix, as_plain_tensor
+from medpeft_monai.backbones import (
+    BackboneError,
+    BackboneOutput,
+    FrozenBackbone,
+    FrozenPrefix,
+    as_plain_tensor,
+    resolve_backbone,
+)
 from medpeft_monai.nets.decoders import LevelDecoder
 from medpeft_monai.peft import PeftConfig, apply_peft
 
@@ -48,7 +55,8 @@ class PeftSegmenter(nn.Module):
     """Dense prediction with a frozen, PEFT-adapted backbone.
 
     Args:
-        backbone: timm model name.
+        backbone: timm model name, or a built :class:`~medpeft_monai.backbones.FrozenBackbone` (used as it is;
+            see :func:`~medpeft_monai.backbones.resolve_backbone`).
         num_classes: output channels (include background).
         peft: method name or config dict; default linear probing (frozen encoder, decoder trains). It is
             the model's adapter ``"default"``, which also owns the decoder (trained and saved with it).
@@ -67,7 +75,7 @@ class PeftSegmenter(nn.Module):
 
     def __init__(
         self,
-        backbone: str,
+        backbone: str | FrozenBackbone,
         num_classes: int,
         peft: str | dict | PeftConfig | None = None,
         weights: str | os.PathLike | None = None,
@@ -85,8 +93,8 @@ class PeftSegmenter(nn.Module):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
         self.spatial_dims = spatial_dims
-        self.backbone = FrozenBackbone(backbone, weights=weights, image_size=image_size, in_chans=in_chans,
-                                       model_kwargs=model_kwargs, input_norm=input_norm)
+        self.backbone = resolve_backbone(backbone, weights=weights, image_size=image_size, in_chans=in_chans,
+                                         model_kwargs=model_kwargs, input_norm=input_norm)
         n = len(self.backbone.blocks)
         self.levels = sorted({int(i) % n for i in (levels if levels is not None else default_levels(n))})
         shapes, stride = level_layout(self.backbone, self.levels)
