@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from medpeft_monai.backbones import FrozenBackbone
+from medpeft_monai.backbones import BackboneError, FrozenBackbone
 from medpeft_monai.compare import method_specs, run
-from medpeft_monai.compare.cache import cacheable_start
+from medpeft_monai.compare.cache import PrefixCache, cacheable_start
 from medpeft_monai.compare.methods import parse_setting
 from medpeft_monai.peft import apply_peft
 from tests.conftest import TINY_VIT4
@@ -60,6 +60,15 @@ def test_frozen_prefix_then_rest_equals_one_pass_and_first_adapted_block():
             part = bb.encode_from(bb.frozen_prefix(x, k, [0, 2, 3]), [0, 2, 3])
             assert torch.allclose(part.tokens, whole.tokens, atol=1e-6)
             assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(part.levels, whole.levels))
+        for j in range(5):                                       # a later prefix continues an earlier one
+            for k in range(j, 5):
+                a = bb.extend_prefix(bb.frozen_prefix(x, j, [0, 2, 3]), k, [0, 2, 3])
+                b = bb.frozen_prefix(x, k, [0, 2, 3])
+                assert a.start == k and sorted(a.levels) == sorted(b.levels) == [i for i in (0, 2, 3) if i < k]
+                assert torch.allclose(a.tokens, b.tokens, atol=1e-6)
+                assert all(torch.allclose(a.levels[i], b.levels[i], atol=1e-6) for i in b.levels)
+        with pytest.raises(BackboneError, match="start must be a block index in 3..4"):
+            bb.extend_prefix(bb.frozen_prefix(x, 3), 2)
     assert bb.first_adapted_block() == 4                                  # nothing adapted: all reusable
     for peft, k in [({"method": "lora", "blocks": [-2, -1]}, 2), ({"method": "dka", "blocks": [-1]}, 3),
                     ({"method": "adapter"}, 0), ({"method": "vpt", "num_prompts": 2}, 0), ("bitfit", 0)]:
@@ -73,6 +82,40 @@ def test_frozen_prefix_then_rest_equals_one_pass_and_first_adapted_block():
     apply_peft(model, {"method": "lora", "blocks": [-1]})
     k, reason = cacheable_start(model)
     assert k == 0 and reason.startswith("the frozen backbone has random layers (blocks.1.drop_path1")
+
+
+def test_cache_continues_from_a_held_earlier_prefix_and_runs_share_one_loaded_backbone(tmp_path):
+    from medpeft_monai.compare.sweep import Split, SweepData, SweepSettings, build_model, frozen_backbone
+    from medpeft_monai.nets import PeftSegmenter
+
+    settings = SweepSettings(datalist="unused", **TINY)
+    frozen = frozen_backbone(settings)
+    empty = Split([], torch.zeros(0), torch.zeros(0))
+    data = SweepData("segmentation", 2, empty, empty, empty, "")
+    torch.manual_seed(3)
+    copied = build_model(settings, data, {"method": "lora", "blocks": [-1]}, frozen)
+    torch.manual_seed(3)
+    fresh = build_model(settings, data, {"method": "lora", "blocks": [-1]})
+    assert copied.backbone is not frozen and not any(n for n, _ in frozen.named_modules() if "lora" in n)
+    for (name, a), b in zip(copied.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name                      # same weights, same seeded adapter and decoder
+    with pytest.raises(BackboneError, match="do not also pass weights"):
+        PeftSegmenter(frozen, 2, weights="litemedsam")
+
+    images = torch.rand(5, 1, 32, 32)
+    calls = []
+    first = copied.backbone.model.get_submodule(copied.backbone.blocks[0].name)
+    first.register_forward_hook(lambda *_: calls.append(1))
+    cache = PrefixCache(tmp_path / "pc")
+    cache.fill(copied.backbone, 2, "train", images, [0, 1, 2])
+    assert len(calls) == 1                                                  # one batch through block 0
+    cache.fill(copied.backbone, 3, "train", images, [0, 1, 2])
+    assert len(calls) == 1                                    # k = 3 continued from k = 2: block 2 only
+    with torch.no_grad():
+        direct = copied.backbone.eval().frozen_prefix(images, 3, [0, 1, 2])
+    held = cache.batch(3, "train", range(5))
+    assert torch.allclose(held.tokens, direct.tokens, atol=1e-6)
+    assert all(torch.allclose(held.levels[i], direct.levels[i], atol=1e-6) for i in (0, 1, 2))
 
 
 def test_method_settings_are_explicit_per_method():

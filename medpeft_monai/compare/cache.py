@@ -100,22 +100,35 @@ class PrefixCache:
         d = torch.load(self._path(key), map_location="cpu", weights_only=True)
         return FrozenPrefix(d["tokens"], d["start"], d["levels"])
 
-    def fill(self, model: nn.Module, k: int, split: str, images: torch.Tensor, levels=(),
+    def holds(self, key: tuple) -> bool:
+        return key in self.memory or key in self.on_disk
+
+    def _deepest_held(self, k: int, split: str, indices: list[int]) -> int:
+        """The latest start block ``j < k`` whose prefixes of all ``indices`` are held (0: none)."""
+        starts = {key[0] for key in (*self.memory, *self.on_disk) if key[1] == split and key[0] < k}
+        return next((j for j in sorted(starts, reverse=True)
+                     if all(self.holds((j, split, i)) for i in indices)), 0)
+
+    def fill(self, backbone: FrozenBackbone, k: int, split: str, images: torch.Tensor, levels=(),
              batch_size: int = 16) -> None:
         """Compute the prefixes (blocks ``0 .. k - 1``) of every image of ``split`` not yet held, in batches,
-        with ``model``'s backbone in eval mode and no gradients."""
-        backbone: FrozenBackbone = model.backbone
-        todo = [i for i in range(len(images)) if (k, split, i) not in self.memory and (k, split, i) not in self.on_disk]
-        device = next(model.parameters()).device
+        with ``backbone`` in eval mode and no gradients. Where the prefixes at an earlier block ``j`` are
+        held, only blocks ``j .. k - 1`` run (:meth:`~medpeft_monai.backbones.FrozenBackbone.extend_prefix`)."""
+        todo = [i for i in range(len(images)) if not self.holds((k, split, i))]
+        device = next(backbone.parameters()).device
         was = backbone.training
         backbone.eval()
         with torch.no_grad():
             for s in range(0, len(todo), batch_size):
                 idx = todo[s:s + batch_size]
-                p = backbone.frozen_prefix(images[idx].to(device), k, levels)
-                for j, i in enumerate(idx):
-                    one = FrozenPrefix(p.tokens[j:j + 1].cpu().clone(), k,
-                                       {lv: f[j:j + 1].cpu().clone() for lv, f in p.levels.items()})
+                j = self._deepest_held(k, split, idx)
+                if j:
+                    p = backbone.extend_prefix(self.batch(j, split, idx, device), k, levels)
+                else:
+                    p = backbone.frozen_prefix(images[idx].to(device), k, levels)
+                for n, i in enumerate(idx):
+                    one = FrozenPrefix(p.tokens[n:n + 1].cpu().clone(), k,
+                                       {lv: f[n:n + 1].cpu().clone() for lv, f in p.levels.items()})
                     self._store((k, split, i), one)
                     self.computed += 1
         backbone.train(was)

@@ -15,6 +15,7 @@ continues where it stopped.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medpeft_monai.backbones import as_plain_tensor
+from medpeft_monai.backbones import FrozenBackbone, as_plain_tensor
 from medpeft_monai.compare.cache import PrefixCache, cacheable_start
 from medpeft_monai.compare.methods import MethodSpec
 from medpeft_monai.data import load_datalist
@@ -175,12 +176,21 @@ def fraction_subset(items: list[dict], fraction: float, fold: int) -> list[int]:
     return sorted(out)
 
 
-def build_model(settings: SweepSettings, data: SweepData, peft: dict) -> nn.Module:
+def frozen_backbone(settings: SweepSettings) -> FrozenBackbone:
+    """The sweep's frozen backbone with its weights, loaded once per sweep (each model adapts a copy)."""
+    return FrozenBackbone(settings.backbone, weights=settings.weights, image_size=settings.image_size,
+                          in_chans=settings.in_chans, model_kwargs=settings.backbone_kwargs)
+
+
+def build_model(settings: SweepSettings, data: SweepData, peft: dict,
+                frozen: FrozenBackbone | None = None) -> nn.Module:
+    """The network of one run, on a copy of ``frozen`` (:func:`frozen_backbone`; built here when ``None``).
+    The backbone is built under its own fixed seed, so a copy gives the same model as a fresh build."""
     from medpeft_monai.nets import PeftClassifier, PeftSegmenter
 
     net = PeftSegmenter if data.task == "segmentation" else PeftClassifier
-    return net(settings.backbone, data.num_classes, peft=peft, weights=settings.weights,
-               image_size=settings.image_size, in_chans=settings.in_chans, model_kwargs=settings.backbone_kwargs)
+    backbone = copy.deepcopy(frozen) if frozen is not None else frozen_backbone(settings)
+    return net(backbone, data.num_classes, peft=peft)
 
 
 def _levels(model: nn.Module) -> list[int]:
@@ -329,22 +339,22 @@ def _save_predictions(path: Path, data: SweepData, logits: torch.Tensor, scores:
 
 def run_cell(settings: SweepSettings, data: SweepData, spec: MethodSpec, fraction: float, fold: int, steps: int,
              cell_dir: Path, cache: PrefixCache | None, device: torch.device, progress=None,
-             extras: bool = False) -> dict:
+             extras: bool = False, frozen: FrozenBackbone | None = None) -> dict:
     """Train ``spec`` on the ``(fraction, fold)`` subset for ``steps`` steps, keep the best validation state,
     score the test section; write the adapter (and with ``extras`` the prediction and ERF figures) to
     ``cell_dir`` and return the result record (written last, by the caller). ``extras`` (one run per method)
-    also measures the inference time of the whole network."""
+    also measures the inference time of the whole network. ``frozen``: see :func:`build_model`."""
     from monai.utils import set_determinism
 
     train_idx = fraction_subset(data.train.items, fraction, fold)
     set_determinism(seed=fold)
-    model = build_model(settings, data, spec.peft).to(device)
+    model = build_model(settings, data, spec.peft, frozen).to(device)
     k, why_not = cacheable_start(model) if cache is not None else (0, "reuse switched off (--no-cache)")
     if k and settings.augment:
         k, why_not = 0, "augmentation changes the input every step"
     if k:
         for split in ("train", "val", "test"):
-            cache.fill(model, k, split, data.split(split).images, _levels(model))
+            cache.fill(model.backbone, k, split, data.split(split).images, _levels(model))
     inputs = _Inputs(data, settings, cache, k, device)
     optimizer = torch.optim.AdamW(param_groups(model, spec.adapter_lr, spec.head_lr), weight_decay=0.01)
     loss_fn = _loss_fn(data.task)
@@ -404,21 +414,35 @@ def _cell_dir(out: Path, spec: MethodSpec, fraction: float, fold: int) -> Path:
     return out / "runs" / spec.name / f"f{fraction:g}_fold{fold}"
 
 
-def applicable(settings: SweepSettings, data: SweepData, specs: list[MethodSpec]) -> tuple[list[MethodSpec], dict]:
-    """The methods that can be built on this backbone, and ``{name: reason}`` for those that cannot."""
-    ok, skipped = [], {}
+def applicable(settings: SweepSettings, data: SweepData, specs: list[MethodSpec],
+               frozen: FrozenBackbone | None = None) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """The methods that can be built on this backbone, built (``{name: model}``), and ``{name: reason}``
+    for those that cannot."""
+    built, skipped = {}, {}
     for spec in specs:
         try:
-            build_model(settings, data, spec.peft)
+            built[spec.name] = build_model(settings, data, spec.peft, frozen)
         except (PeftError, ValueError, TypeError) as err:
             skipped[spec.name] = str(err).split("\n")[0]
-            continue
-        ok.append(spec)
-    return ok, skipped
+    return built, skipped
+
+
+def prefill(cache: PrefixCache, models: list[nn.Module], data: SweepData, device: torch.device) -> None:
+    """Cache the prefixes of every start block these models reuse (:func:`cacheable_start`), the shallowest
+    first so that each deeper one continues from it: one pass through the frozen blocks per image."""
+    first_at: dict[int, nn.Module] = {}
+    for model in models:
+        k, _ = cacheable_start(model)
+        if k:
+            first_at.setdefault(k, model)
+    for k in sorted(first_at):
+        model = first_at[k].to(device)
+        for split in ("train", "val", "test"):
+            cache.fill(model.backbone, k, split, data.split(split).images, _levels(model))
 
 
 def calibrate_steps(settings: SweepSettings, data: SweepData, specs: list[MethodSpec], cache: PrefixCache | None,
-                    device: torch.device, cells_per_method: int) -> int:
+                    device: torch.device, cells_per_method: int, frozen: FrozenBackbone | None = None) -> int:
     """Steps per run that fit the sweep in ``settings.time_budget_s``: each method's seconds per optimiser
     step (its frozen prefix cached) and per run outside the steps (building, evaluations, test), measured
     on one short run, summed over the sweep's cells."""
@@ -426,7 +450,8 @@ def calibrate_steps(settings: SweepSettings, data: SweepData, specs: list[Method
     with tempfile.TemporaryDirectory() as scratch:
         for spec in specs:
             t0 = time.perf_counter()
-            r = run_cell(settings, data, spec, max(settings.fractions), 0, 4, Path(scratch), cache, device)
+            r = run_cell(settings, data, spec, max(settings.fractions), 0, 4, Path(scratch), cache, device,
+                         frozen=frozen)
             per_step += cells_per_method * r["train_seconds"] / 4
             per_cell += cells_per_method * (time.perf_counter() - t0 - r["train_seconds"])
     return max(1, int((settings.time_budget_s - per_cell) / per_step))
@@ -445,7 +470,9 @@ def run_sweep(settings: SweepSettings, specs: list[MethodSpec], out: str | os.Pa
     data = load_data(settings)
     logger.info("comparison: %s task, %d classes; training %d, validation %d, test %d images",
                 data.task, data.num_classes, len(data.train.items), len(data.val.items), len(data.test.items))
-    specs, skipped = applicable(settings, data, specs)
+    frozen = frozen_backbone(settings)
+    built, skipped = applicable(settings, data, specs, frozen)
+    specs = [spec for spec in specs if spec.name in built]
     if not specs:
         raise ValueError(f"None of the methods applies to {settings.backbone}: {skipped}")
     cache = PrefixCache(out / "prefix_cache", int(settings.cache_memory_gb * (1 << 30))) if settings.cache else None
@@ -457,7 +484,8 @@ def run_sweep(settings: SweepSettings, specs: list[MethodSpec], out: str | os.Pa
     if plan.get("key") != plan_key:
         steps = settings.steps
         if settings.time_budget_s:
-            steps = calibrate_steps(settings, data, specs, cache, device, len(settings.fractions) * settings.folds)
+            steps = calibrate_steps(settings, data, specs, cache, device, len(settings.fractions) * settings.folds,
+                                    frozen)
             logger.info("time budget %.0f s: %d optimiser steps per run", settings.time_budget_s, steps)
         plan = {"key": plan_key, "steps": steps}
         write_text_atomic(plan_file, json.dumps(plan))
@@ -471,6 +499,9 @@ def run_sweep(settings: SweepSettings, specs: list[MethodSpec], out: str | os.Pa
             results.append(record)
         else:
             todo.append((spec, f, j, h))
+    if cache is not None and not settings.augment:
+        prefill(cache, [built[name] for name in dict.fromkeys(spec.name for spec, *_ in todo)], data, device)
+    del built
     started = time.perf_counter()
     # a terminal gets a live bar; a log file (no tty) a line every 30 s
     bar = tqdm(total=len(todo) * steps, unit="step", disable=not show_progress or not todo, dynamic_ncols=True,
@@ -480,7 +511,7 @@ def run_sweep(settings: SweepSettings, specs: list[MethodSpec], out: str | os.Pa
         bar.set_postfix_str(f"run {n}/{len(todo)}: {spec.name} {100 * f:g}% fold {j}")
         cell_dir = _cell_dir(out, spec, f, j)
         record = run_cell(settings, data, spec, f, j, steps, cell_dir, cache, device, bar,
-                          extras=j == 0 and f == max(settings.fractions))
+                          extras=j == 0 and f == max(settings.fractions), frozen=frozen)
         record["hash"] = h
         write_text_atomic(cell_dir / "result.json", json.dumps(record, indent=1))
         results.append(record)
