@@ -5,8 +5,8 @@ Kaiming-uniform) and ``B`` (d_out x r, zeros), so the output is unchanged at ini
 fused ``qkv`` projection only the chosen parts get a low-rank pair: rows ordered Q, K, V (``d = d_out / 3``
 each) in timm's ViT, Swin and Hiera (at Hiera's q-pool blocks ``d_in != d``), and per head
 ``[q_h, k_h, v_h]`` in TinyViT (read from its attention's ``num_heads``, ``key_dim``, ``val_dim``). The K
-rows of ``W`` and the K output are never touched: the low-rank updates are added in place to the Q and V
-columns of the frozen layer's own output.
+rows of ``W`` and the K output are never touched: the low-rank updates are added to the Q and V columns of
+the frozen layer's output, as one product whose ``B`` is zero on the K columns (:meth:`LoRALinear.factors`).
 
 Merged form (:func:`~medpeft_monai.peft.merge_peft`): one linear layer with ``W + (alpha / r) B A``,
 computed from the unchanged parameters and cached until one of them changes, so a checkpoint loaded
@@ -80,9 +80,10 @@ class LoRALinear(PeftModule):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             self.lora_A[key] = nn.Parameter(a)
             self.lora_B[key] = nn.Parameter(torch.zeros(sum(hi - lo for lo, hi in ranges), self.rank))
-            if len(ranges) > 1:  # per-head columns (TinyViT): their indices, for one index_add_ per part
-                cols = torch.cat([torch.arange(lo, hi) for lo, hi in ranges])
-                self.register_buffer(f"columns_{key}", cols, persistent=False)
+        self.out_features = d_out
+        #: the adapted output columns, in the order of the parts' ``lora_B`` rows
+        cols = torch.cat([torch.arange(lo, hi) for ranges in self.slices.values() for lo, hi in ranges])
+        self.register_buffer("columns", cols, persistent=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self._merged_weight = ParameterCache()
@@ -106,24 +107,20 @@ class LoRALinear(PeftModule):
         d = d_out // 3
         return {p: ((QKV_PARTS.index(p) * d, (QKV_PARTS.index(p) + 1) * d),) for p in parts}
 
-    def delta_weight(self, key: str) -> torch.Tensor:
-        """``(alpha / r) B A`` for one slice."""
-        return self.scale * self.lora_B[key] @ self.lora_A[key]
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of all parts at once, ``A`` ``(P r, d_in)``: the parts' ``A`` stacked; ``B``
+        ``(d_out, P r)``: part ``p``'s ``B`` in columns ``p r .. (p + 1) r`` of that part's output rows, zero
+        elsewhere. Then ``(alpha / r) B A`` is every part's update at its columns and exactly zero on the
+        others (K)."""
+        a = torch.cat(list(self.lora_A.values()))
+        b = torch.block_diag(*self.lora_B.values())
+        return a, b.new_zeros(self.out_features, b.shape[1]).index_copy(0, self.columns, b)
 
     def effective_weight(self) -> torch.Tensor:
         """``W`` plus every low-rank update of this and any inner LoRA layer (differentiable)."""
         w = self.base.effective_weight() if isinstance(self.base, LoRALinear) else unwrap(self.base).weight
-        segments = []  # (lo, hi, rows of the update) over the output dimension, in column order
-        for key, ranges in self.slices.items():
-            delta, off = self.delta_weight(key).to(w.dtype), 0
-            for lo, hi in ranges:
-                segments.append((lo, hi, delta[off:off + hi - lo]))
-                off += hi - lo
-        pieces, start = [], 0
-        for lo, hi, rows in sorted(segments, key=lambda seg: seg[0]):
-            pieces += [w[start:lo], w[lo:hi] + rows]
-            start = hi
-        return torch.cat(pieces + [w[start:]])
+        a, b = self.factors()
+        return w + (self.scale * b @ a).to(w.dtype)
 
     def _chain_parameters(self) -> list[torch.Tensor]:
         params = [*self.lora_A.values(), *self.lora_B.values()]
@@ -137,20 +134,13 @@ class LoRALinear(PeftModule):
                 return F.linear(x, self.effective_weight(), bias)
             w = self._merged_weight.get(self._chain_parameters(), self.effective_weight, x.dtype, x.device)
             return F.linear(x, w.to(x.dtype), bias)
-        y = self.base(x).contiguous()
+        y = self.base(x)
         h = self.dropout(x)
-        # y[:, lo:hi] += (alpha / r) (h A^T) B^T as one fused addmm per slice, in place on the fresh output
-        # (a linear layer does not keep its output for backward); the dtype casts are no-ops outside autocast
-        rows, h_rows = y.view(-1, y.shape[-1]), h.reshape(-1, h.shape[-1])
-        for key, ranges in self.slices.items():
-            low = (h_rows @ self.lora_A[key].t()).to(y.dtype)
-            if len(ranges) == 1:
-                lo, hi = ranges[0]
-                rows[:, lo:hi].addmm_(low, self.lora_B[key].t().to(y.dtype), alpha=self.scale)
-                continue
-            rows.index_add_(1, getattr(self, f"columns_{key}"), low @ self.lora_B[key].t().to(y.dtype),
-                            alpha=self.scale)                                     # per-head columns
-        return y
+        a, b = self.factors()
+        # y + (alpha / r) (h A^T) B^T as one addmm, out of place: an in-place add into a slice of y would make
+        # autograd copy the whole output in backward; the dtype casts are no-ops outside autocast
+        low = (h.reshape(-1, h.shape[-1]) @ a.t()).to(y.dtype)
+        return torch.addmm(y.reshape(-1, y.shape[-1]), low, b.t().to(y.dtype), alpha=self.scale).view(y.shape)
 
     def merge(self) -> None:
         """Serve from the folded weight (idempotent; the parameters are not changed)."""
