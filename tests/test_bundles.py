@@ -160,18 +160,23 @@ def test_same_file_name_in_two_folders_gives_two_masks(bundle, tmp_path):
     assert masks == ["p1/image_seg.nii.gz", "p2/image_seg.nii.gz"]
 
 
-@pytest.mark.parametrize("bundle", ["lora_segmentation", "dka_segmentation", "crossmodal_segmentation"])
-def test_dice_convention_is_one_documented_switch(bundle):
+@pytest.mark.parametrize("bundle,configs", [("lora_segmentation", ("train.json", "evaluate.json")),
+                                            ("dka_segmentation", ("train.json", "evaluate.json")),
+                                            ("crossmodal_segmentation", ("train.json", "evaluate.json")),
+                                            ("dcrm_vit_multidomain", ("train_seg.json", "evaluate_seg.json"))])
+def test_dice_convention_is_one_documented_switch(bundle, configs):
     """`dice_ignore_empty` (MONAI's ignore_empty, default true: an image whose label lacks a class does not count
     for that class) reaches every Dice of the training and evaluation configs."""
     for value in (True, False):
         parser = ConfigParser()
-        parser.read_config([str(ROOT / "bundles" / bundle / "configs" / c) for c in ("train.json", "evaluate.json")])
+        parser.read_config([str(ROOT / "bundles" / bundle / "configs" / c) for c in configs])
         parser["dice_ignore_empty"] = value
         metrics = [parser.get_parsed_content(k) for k in ("train#key_metric#train_mean_dice",
                                                           "validate#key_metric#val_mean_dice",
                                                           "validate#additional_metrics#val_dice_per_class")]
         assert all(m.metric_fn.ignore_empty is value for m in metrics)
+        if "val_dice_by_domain" in parser["validate#additional_metrics"]:  # DCRM: Dice per domain
+            assert parser.get_parsed_content("validate#additional_metrics#val_dice_by_domain").ignore_empty is value
     text = (ROOT / "docs" / "reliability.md").read_text()
     assert "dice_ignore_empty" in text
 

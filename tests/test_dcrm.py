@@ -441,6 +441,35 @@ def test_psn_flops_match_the_flop_counter():
     assert fc.get_total_flops() == cost["materialise"]
 
 
+def test_domain_dice_averages_per_image_dice_by_domain(tmp_path):
+    from medpeft_monai.metrics import DomainDice
+
+    def one_hot(mask):
+        return torch.stack([1 - mask, mask]).float()
+
+    truth = torch.zeros(4, 4)
+    truth[:2] = 1                                     # 8 foreground pixels
+    half = torch.zeros(4, 4)
+    half[:1] = 1                                      # 4 of them predicted: Dice 2*4 / (4 + 8) = 2/3
+    empty = torch.zeros(4, 4)                         # no foreground in the label: not scored
+    metric = DomainDice(domain_names=["us", "ct"], save_dir=str(tmp_path))
+    metric.reset()
+    metric.update(([one_hot(half), one_hot(truth), one_hot(truth), one_hot(half)],
+                   [one_hot(truth), one_hot(truth), one_hot(empty), one_hot(empty)], [0, 0, 1, 1]))
+    assert metric.compute() == pytest.approx((2 / 3 + 1) / 2)
+    assert metric.per_domain == {0: (pytest.approx(2 / 3 + 1), 2)}   # domain 1: only empty labels
+    engine = type("E", (), {"state": type("S", (), {"metrics": {}})()})()
+    metric.completed(engine, "dice")
+    assert engine.state.metrics["dice_us"] == pytest.approx(5 / 6)
+    rows = list(csv.DictReader((tmp_path / "per_domain_dice.csv").open()))
+    assert [r["domain"] for r in rows] == ["us", "all"] and list(rows[0]) == ["domain", "domain_id", "n", "dice"]
+    # dice_ignore_empty = False: an empty label scores 1 where nothing is predicted, 0 where something is
+    strict = DomainDice(ignore_empty=False)
+    strict.reset()
+    strict.update(([one_hot(empty), one_hot(half)], [one_hot(empty), one_hot(empty)], [1, 1]))
+    assert strict.compute() == pytest.approx(0.5) and strict.per_domain == {1: (pytest.approx(1.0), 2)}
+
+
 def test_segmenter_returns_logits_and_domain_logits():
     name, kwargs = TINY_VIT
     seg = DCRMSegmenter(name, 3, num_domains=2, image_size=SIZE, model_kwargs=kwargs).eval()
@@ -504,3 +533,19 @@ def test_dcrm_segmentation_variant_trains_and_writes_masks(tmp_path):
     assert not list((bundle / "eval" / "seg").glob(".tmp-*"))  # atomic writes leave no temporary files
     rows = list(csv.DictReader((bundle / "eval" / "seg" / "domains.csv").open()))
     assert len(rows) == len(test) and all(r["pred_domain_name"] in datalist["domains"] for r in rows)
+
+    # test-set evaluation: Dice per domain (DomainDice) equals the mean of MONAI's per-image Dice over that
+    # domain's images, and the overall figure equals MONAI's MeanDice
+    run_bundle(bundle, ["train_seg.json", "evaluate_seg.json"], *small)
+    per_image = {Path(r["filename"]).name: float(r["mean"])
+                 for r in csv.DictReader((bundle / "eval" / "val_mean_dice_raw.csv").open())}
+    domain_of = {Path(item["image"]).name: item["domain"] for item in test}
+    assert set(per_image) == set(domain_of)
+    by_domain = {r["domain"]: r for r in csv.DictReader((bundle / "eval" / "per_domain_dice.csv").open())}
+    assert set(by_domain) == set(domain_of.values()) | {"all"}
+    for dom, row in by_domain.items():
+        values = [v for name, v in per_image.items() if dom in ("all", domain_of[name]) and not math.isnan(v)]
+        assert int(row["n"]) == len(values)
+        assert abs(float(row["dice"]) - sum(values) / len(values)) < 1e-5
+    metrics = dict(csv.reader((bundle / "eval" / "metrics.csv").open()))
+    assert abs(float(metrics["val_dice_by_domain"]) - float(metrics["val_mean_dice"])) < 1e-5
