@@ -152,6 +152,44 @@ def test_psst_trainer_warms_up_with_mae_then_distils_on_the_complex_subset():
     assert any(not torch.equal(p, lora[n]) for n, p in adapter_parameters(net, "modality_mri").items())
 
 
+def _psst_run(folder, stop_after=None, resume=False):
+    """PSST on 5 images, batch 2, 4 epochs (1 MAE warm-up), saved by the bundle's checkpointer; ``stop_after``
+    ends the run after that epoch (as a kill at an epoch boundary would), ``resume`` continues it."""
+    import random
+
+    from medpeft_monai.handlers import BundleCheckpointer
+
+    torch.manual_seed(0)
+    random.seed(0)
+    net = tiny_psst()
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+    trainer = PSSTTrainer("cpu", 4, DataLoader(_views(5), batch_size=2, shuffle=True), net, opt,
+                          warmup_epochs=1, complexity_fraction=0.5)
+    if stop_after is not None:
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=stop_after), lambda e: e.terminate())
+    BundleCheckpointer(net, str(folder), model_file=None, adapter="modality_mri", resume=resume).attach(trainer)
+    losses = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output[0]["loss"])))
+    trainer.run()
+    return trainer, losses
+
+
+def test_psst_resumed_in_the_joint_stage_ends_as_the_uninterrupted_run(tmp_path):
+    full, full_losses = _psst_run(tmp_path / "A")
+    stopped, first = _psst_run(tmp_path / "B", stop_after=2)  # warm-up and one joint epoch, then stopped
+    assert stopped.state.epoch == 2 and stopped.teacher is not None
+    saved = torch.load(tmp_path / "B" / "last.pt", weights_only=True)["trainer"]["psst"]
+    assert saved["joint_subset"] == full.joint_subset and saved["teacher"] is not None
+    resumed, rest = _psst_run(tmp_path / "B", resume=True)
+    assert first + rest == full_losses  # every step's loss, so the data order, teacher and centres too
+    for name, t in full.teacher.params.items():
+        assert torch.equal(resumed.teacher.params[name], t), name
+    assert torch.equal(resumed.image_loss.center, full.image_loss.center)
+    assert torch.equal(resumed.patch_loss.center, full.patch_loss.center)
+    a, b = (torch.load(tmp_path / d / "adapter.pt", weights_only=True)["state_dict"] for d in "AB")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_psst_without_dino_is_mae_only():
     net = tiny_psst()
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)

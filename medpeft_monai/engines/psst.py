@@ -10,7 +10,8 @@ MAE decoder + DINO heads) on unlabeled images of one modality, in two phases:
 
    * *structural-complexity subset*: every training image is scored by the variance of its per-unit MAE
      reconstruction error ``e_i`` (a fixed mask); the ``complexity_fraction`` highest-scoring images form
-     the joint stage's data (cycled, so every epoch keeps its number of steps);
+     the joint stage's data (repeated to the length of the whole data set, so an epoch keeps its number of
+     steps and is one reshuffled pass);
    * the *teacher* starts as a copy of the student's trainable parameters (LoRA, heads, decoder, mask
      token) and follows it by EMA, ``theta_t <- m theta_t + (1 - m) theta_s`` with ``m`` rising from
      ``ema_momentum[0]`` to ``ema_momentum[1]`` on a cosine; it shares the frozen backbone (its forward is
@@ -27,12 +28,19 @@ patch weights (the "+ DINO" ablation). Multi-process (``torchrun``): every pass 
 and the gradients are averaged across processes before each step
 (:func:`~medpeft_monai.distributed.average_gradients`); the DINO centres are averaged too and the
 complexity scores come from rank 0, so the processes stay identical.
+
+Resume: the trainer's ``state_dict`` adds what the joint stage carries from epoch to epoch (the teacher's
+EMA tensors, the subset, both DINO centres) to Ignite's counters, so
+:class:`~medpeft_monai.handlers.BundleCheckpointer` saves it in its resume file and ``--resume True``
+continues a run at an epoch boundary as if it had not stopped.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -151,6 +159,7 @@ class PSSTTrainer(SupervisedTrainer):
         self.teacher: EMATeacher | None = None
         self.joint_subset: list[int] | None = None
         self.add_event_handler(Events.EPOCH_STARTED, self._maybe_start_joint)
+        self.add_event_handler(Events.EPOCH_STARTED, self._set_sampler_epoch)
 
     # -- schedules
     def in_joint_stage(self) -> bool:
@@ -181,14 +190,63 @@ class PSSTTrainer(SupervisedTrainer):
             dist.broadcast(scores, 0)
         keep = max(1, int(round(engine.complexity_fraction * len(scores))))
         engine.joint_subset = sorted(torch.argsort(scores.cpu(), descending=True)[:keep].tolist())
-        subset = Subset(dataset, engine.joint_subset)
-        sampler = DistributedSampler(subset, shuffle=True) if get_world_size() > 1 else None
-        engine.set_data(DataLoader(subset, batch_size=loader.batch_size, shuffle=sampler is None, sampler=sampler,
-                                   num_workers=loader.num_workers, collate_fn=loader.collate_fn, drop_last=False))
+        engine.set_data(engine._joint_loader())
         engine.teacher = EMATeacher(net)
         if get_rank() == 0:
             logger.info(f"PSST joint stage from epoch {engine.state.epoch}: {keep} of {len(scores)} images "
                         f"(highest MAE error variance), MAE + DINO, alpha={engine.error_alpha}.")
+
+    def _joint_loader(self) -> DataLoader:
+        """The joint stage's data: ``joint_subset`` repeated to the whole data set's length, shuffled every epoch
+        (``DistributedSampler`` under ``torch.distributed``, its epoch set in :meth:`_set_sampler_epoch`)."""
+        loader = self.data_loader
+        n = len(loader.dataset)
+        subset = Subset(loader.dataset, [self.joint_subset[i % len(self.joint_subset)] for i in range(n)])
+        sampler = DistributedSampler(subset, shuffle=True) if get_world_size() > 1 else None
+        if sampler is not None:
+            sampler.set_epoch(self.state.epoch)
+        return DataLoader(subset, batch_size=loader.batch_size, shuffle=sampler is None, sampler=sampler,
+                          num_workers=loader.num_workers, collate_fn=loader.collate_fn, drop_last=loader.drop_last)
+
+    @staticmethod
+    def _set_sampler_epoch(engine: PSSTTrainer) -> None:
+        sampler = getattr(engine.state.dataloader, "sampler", None)
+        if engine.joint_subset is not None and isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(engine.state.epoch)
+
+    # -- resume
+    def state_dict(self) -> OrderedDict:
+        """Ignite's counters plus ``psst``: the teacher's EMA tensors, ``joint_subset`` and both DINO centres
+        (teacher and subset ``None`` before the joint stage)."""
+        state = super().state_dict()
+        state["psst"] = {
+            "teacher": None if self.teacher is None else {n: t.cpu() for n, t in self.teacher.params.items()},
+            "joint_subset": self.joint_subset,
+            "image_center": self.image_loss.center.cpu(), "patch_center": self.patch_loss.center.cpu()}
+        return state
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        """Restore :meth:`state_dict` (called by ``BundleCheckpointer`` when a run resumes, before the first
+        epoch); in the joint stage the subset's loader is set up again and iterated from the next epoch."""
+        if "psst" not in state_dict:
+            raise ValueError("the resume state holds no PSST state (teacher, subset, DINO centres): it was not "
+                             "saved by a PSSTTrainer")
+        super().load_state_dict(state_dict)
+        psst = state_dict["psst"]
+        device = self.state.device
+        self.image_loss.center.copy_(psst["image_center"])
+        self.patch_loss.center.copy_(psst["patch_center"])
+        self.joint_subset = None if psst["joint_subset"] is None else [int(i) for i in psst["joint_subset"]]
+        self.teacher = None
+        if psst["teacher"] is not None:
+            self.teacher = EMATeacher(unwrap_ddp(self.network))
+            if set(psst["teacher"]) != set(self.teacher.params):
+                raise ValueError("the saved teacher's tensors do not match this network's trainable parameters")
+            for name, t in self.teacher.params.items():
+                t.copy_(psst["teacher"][name].to(device))
+        if self.joint_subset is not None:
+            self.state.dataloader = self._joint_loader()
+            self._dataloader_iter = None  # iterated from the next epoch, after the random state is restored
 
     # -- iteration
     def _iteration(self, engine: PSSTTrainer, batchdata) -> dict:
