@@ -159,7 +159,7 @@ class PSSTTrainer(SupervisedTrainer):
         self.teacher: EMATeacher | None = None
         self.joint_subset: list[int] | None = None
         self.add_event_handler(Events.EPOCH_STARTED, self._maybe_start_joint)
-        self.add_event_handler(Events.EPOCH_STARTED, self._set_sampler_epoch)
+        self.add_event_handler(Events.EPOCH_STARTED, self._set_sampler_epoch)  # after the joint loader is set
 
     # -- schedules
     def in_joint_stage(self) -> bool:
@@ -190,23 +190,25 @@ class PSSTTrainer(SupervisedTrainer):
             dist.broadcast(scores, 0)
         keep = max(1, int(round(engine.complexity_fraction * len(scores))))
         engine.joint_subset = sorted(torch.argsort(scores.cpu(), descending=True)[:keep].tolist())
-        engine.set_data(engine._joint_loader())
+        engine._use_joint_loader()
         engine.teacher = EMATeacher(net)
         if get_rank() == 0:
             logger.info(f"PSST joint stage from epoch {engine.state.epoch}: {keep} of {len(scores)} images "
                         f"(highest MAE error variance), MAE + DINO, alpha={engine.error_alpha}.")
 
-    def _joint_loader(self) -> DataLoader:
-        """The joint stage's data: ``joint_subset`` repeated to the whole data set's length, shuffled every epoch
-        (``DistributedSampler`` under ``torch.distributed``, its epoch set in :meth:`_set_sampler_epoch`)."""
+    def _use_joint_loader(self) -> None:
+        """Train from now on on ``joint_subset`` repeated to the whole data set's length, shuffled every epoch
+        (``DistributedSampler`` under ``torch.distributed``, its epoch set in :meth:`_set_sampler_epoch`). The
+        iterator is made by Ignite when the epoch's data is first drawn, after every ``EPOCH_STARTED`` handler
+        (and, on resume, after the random state is restored)."""
         loader = self.data_loader
         n = len(loader.dataset)
         subset = Subset(loader.dataset, [self.joint_subset[i % len(self.joint_subset)] for i in range(n)])
         sampler = DistributedSampler(subset, shuffle=True) if get_world_size() > 1 else None
-        if sampler is not None:
-            sampler.set_epoch(self.state.epoch)
-        return DataLoader(subset, batch_size=loader.batch_size, shuffle=sampler is None, sampler=sampler,
-                          num_workers=loader.num_workers, collate_fn=loader.collate_fn, drop_last=loader.drop_last)
+        self.state.dataloader = DataLoader(subset, batch_size=loader.batch_size, shuffle=sampler is None,
+                                           sampler=sampler, num_workers=loader.num_workers,
+                                           collate_fn=loader.collate_fn, drop_last=loader.drop_last)
+        self._dataloader_iter = None
 
     @staticmethod
     def _set_sampler_epoch(engine: PSSTTrainer) -> None:
@@ -245,8 +247,7 @@ class PSSTTrainer(SupervisedTrainer):
             for name, t in self.teacher.params.items():
                 t.copy_(psst["teacher"][name].to(device))
         if self.joint_subset is not None:
-            self.state.dataloader = self._joint_loader()
-            self._dataloader_iter = None  # iterated from the next epoch, after the random state is restored
+            self._use_joint_loader()
 
     # -- iteration
     def _iteration(self, engine: PSSTTrainer, batchdata) -> dict:
