@@ -535,17 +535,20 @@ def test_dcrm_segmentation_variant_trains_and_writes_masks(tmp_path):
     assert len(rows) == len(test) and all(r["pred_domain_name"] in datalist["domains"] for r in rows)
 
     # test-set evaluation: Dice per domain (DomainDice) equals the mean of MONAI's per-image Dice over that
-    # domain's images, and the overall figure equals MONAI's MeanDice
+    # domain's images, and the overall figure equals MONAI's MeanDice; all in eval/seg, so the classification
+    # variant's eval/metrics.csv is never overwritten
     run_bundle(bundle, ["train_seg.json", "evaluate_seg.json"], *small)
+    assert not (bundle / "eval" / "metrics.csv").exists()
+    seg_eval = bundle / "eval" / "seg"
     per_image = {Path(r["filename"]).name: float(r["mean"])
-                 for r in csv.DictReader((bundle / "eval" / "val_mean_dice_raw.csv").open())}
+                 for r in csv.DictReader((seg_eval / "val_mean_dice_raw.csv").open())}
     domain_of = {Path(item["image"]).name: item["domain"] for item in test}
     assert set(per_image) == set(domain_of)
-    by_domain = {r["domain"]: r for r in csv.DictReader((bundle / "eval" / "per_domain_dice.csv").open())}
+    by_domain = {r["domain"]: r for r in csv.DictReader((seg_eval / "per_domain_dice.csv").open())}
     assert set(by_domain) == set(domain_of.values()) | {"all"}
     for dom, row in by_domain.items():
         values = [v for name, v in per_image.items() if dom in ("all", domain_of[name]) and not math.isnan(v)]
         assert int(row["n"]) == len(values)
         assert abs(float(row["dice"]) - sum(values) / len(values)) < 1e-5
-    metrics = dict(csv.reader((bundle / "eval" / "metrics.csv").open()))
+    metrics = dict(csv.reader((seg_eval / "metrics.csv").open()))
     assert abs(float(metrics["val_dice_by_domain"]) - float(metrics["val_mean_dice"])) < 1e-5
